@@ -1,0 +1,75 @@
+"""The codec ops: the compiled kernels when ``actnn_mm._C`` is built, else the reference.
+
+The schemas are defined once in C++ (``csrc/actnn.cpp``); this module registers their shape
+(fake) implementations so the ops trace, and picks a backend per device: the extension for the
+devices it was built for, the pure-PyTorch reference (with one warning) for the others.
+"""
+import warnings
+from typing import Tuple
+
+import torch
+
+from . import reference
+
+try:
+    from actnn_mm import _C
+except ImportError as error:  # not built: pip install --no-build-isolation -e .
+    _C = None
+    _IMPORT_ERROR = error
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled codec kernels are in use (on the CPU, and on CUDA if built with it)."""
+    return _C is not None
+
+
+def _extension_serves(device: torch.device) -> bool:
+    if _C is None:
+        return False
+    return device.type != 'cuda' or bool(_C.with_cuda)
+
+
+_warned = False
+
+
+def _warn_fallback(device: torch.device) -> None:
+    global _warned
+    if not _warned:
+        why = (f'the extension failed to import ({_IMPORT_ERROR})' if _C is None else
+               'the extension was built without CUDA (rebuild with FORCE_CUDA=1)')
+        warnings.warn(f'actnn_mm: using the slow pure-PyTorch codec on {device}: {why}.',
+                      stacklevel=3)
+        _warned = True
+
+
+if _C is not None:
+
+    @torch.library.register_fake('actnn_mm::quantize')
+    def _quantize_fake(x, bits, offsets, group_size, seed, stochastic, total_bytes):
+        groups = x.shape[0] * -(-x.shape[1] // group_size)
+        return (x.new_empty(total_bytes, dtype=torch.uint8),
+                x.new_empty((groups, 2), dtype=torch.bfloat16))
+
+    @torch.library.register_fake('actnn_mm::dequantize')
+    def _dequantize_fake(data, meta, bits, offsets, num_samples, sample_size, group_size, dtype):
+        return data.new_empty((num_samples, sample_size), dtype=dtype)
+
+
+def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
+             seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _extension_serves(x.device):
+        return torch.ops.actnn_mm.quantize(x, bits, offsets, group_size, seed, stochastic,
+                                           total_bytes)
+    _warn_fallback(x.device)
+    return reference.quantize(x, bits, offsets, group_size, seed, stochastic, total_bytes)
+
+
+def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
+               num_samples: int, sample_size: int, group_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    if _extension_serves(data.device):
+        return torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, num_samples, sample_size,
+                                             group_size, dtype)
+    _warn_fallback(data.device)
+    return reference.dequantize(data, meta, bits, offsets, num_samples, sample_size, group_size,
+                                dtype)

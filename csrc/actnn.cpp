@@ -1,0 +1,29 @@
+// Op schemas, registered once; kernels live in cpu/ and cuda/, the shape (fake) implementations
+// and the pure-PyTorch reference in actnn_mm/compress/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(actnn_mm, m) {
+  // x: (N, M) contiguous float32/float16/bfloat16; bits: (N,) uint8; offsets: (N + 1,) int64 byte
+  // offsets of each sample's packed stream. Returns (data: uint8[total_bytes], meta: bfloat16[groups, 2]).
+  m.def(
+      "quantize(Tensor x, Tensor bits, Tensor offsets, int group_size, int seed, bool stochastic, "
+      "SymInt total_bytes) -> (Tensor, Tensor)");
+  // Returns the (num_samples, sample_size) tensor of dtype `dtype`.
+  m.def(
+      "dequantize(Tensor data, Tensor meta, Tensor bits, Tensor offsets, SymInt num_samples, "
+      "SymInt sample_size, int group_size, ScalarType dtype) -> Tensor");
+}
+
+// Importing actnn_mm._C runs the registrations above; the module itself is empty but says
+// whether the CUDA kernels were built.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+#ifdef WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}

@@ -1,0 +1,41 @@
+// Argument checks shared by the CPU and CUDA launchers: the ops can be called directly, so a bad
+// argument must fail here rather than read or write out of bounds.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace actnn {
+
+inline void check_stream_args(const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
+                              int64_t group_size, const at::Device& device) {
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0,
+              "actnn_mm: group_size must be a positive multiple of 8, got ", group_size);
+  TORCH_CHECK(bits.dim() == 1 && bits.size(0) == n && bits.scalar_type() == at::kByte,
+              "actnn_mm: bits must be a uint8 tensor of shape (", n, ",)");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == n + 1 && offsets.scalar_type() == at::kLong,
+              "actnn_mm: offsets must be an int64 tensor of shape (", n + 1, ",)");
+  TORCH_CHECK(bits.device() == device && offsets.device() == device,
+              "actnn_mm: bits and offsets must be on ", device);
+  TORCH_CHECK(bits.is_contiguous() && offsets.is_contiguous(),
+              "actnn_mm: bits and offsets must be contiguous");
+}
+
+inline void check_float_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "actnn_mm: expected float32, float16 or bfloat16, got ", t);
+}
+
+// Instantiates a kernel for the three activation dtypes the codec accepts.
+#define ACTNN_DISPATCH_FLOAT(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
+  return (sample_size + group_size - 1) / group_size;
+}
+
+}  // namespace actnn

@@ -1,0 +1,144 @@
+// The activation codec's math, one source for the CPU and CUDA kernels. The pure-PyTorch
+// reference (actnn_mm/compress/reference.py) mirrors every line here, and the tests hold the
+// kernels to it bit for bit, so any change here must be made there too.
+//
+// Format (per sample n of an (N, M) view, bit width b_n in {1, 2, 4, 8}, B_n = 2^b_n - 1):
+//   * groups of G elements (G a multiple of 8, so every group starts on a byte);
+//   * per group, its min and scale as two bfloat16 values (meta[2 * group], meta[2 * group + 1]);
+//   * element j of sample n is the b_n-bit integer at bit (j * b_n) % 8 of byte
+//     offsets[n] + (j * b_n) / 8, least significant bits first; samples start on a byte.
+// Arithmetic is plain IEEE float32 with no fused multiply-add (built with contraction off), so
+// every backend rounds the same way.
+#pragma once
+
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define ACTNN_HD __host__ __device__ __forceinline__
+#else
+#define ACTNN_HD inline
+#endif
+
+namespace actnn {
+
+ACTNN_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+ACTNN_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+ACTNN_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+
+// bfloat16 keeps the top 16 bits of a float32; these round toward -inf / +inf.
+ACTNN_HD uint16_t bf16_round_down(float f) {
+  uint32_t u = float_bits(f);
+  uint32_t t = u >> 16;
+  if ((u & 0xFFFFu) && (u >> 31)) t += 1;  // negative and inexact: one step away from zero
+  return uint16_t(t);
+}
+
+ACTNN_HD uint16_t bf16_round_up(float f) {  // for f >= 0
+  uint32_t u = float_bits(f);
+  uint32_t t = u >> 16;
+  if (u & 0xFFFFu) t += 1;
+  return uint16_t(t);
+}
+
+// Counter-based random numbers: a 32-bit integer hash (two multiply-xorshift rounds, full
+// avalanche) of the element's index under a key derived from the 64-bit seed. Cheap, stateless
+// and identical on every backend.
+ACTNN_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct RngKey {
+  uint32_t lo, hi;
+};
+
+ACTNN_HD RngKey rng_key(uint64_t seed) {
+  RngKey k;
+  k.lo = mix32(uint32_t(seed) ^ 0x9e3779b9u);
+  k.hi = mix32(uint32_t(seed >> 32) ^ k.lo);
+  return k;
+}
+
+// Uniform in [0, 1) with 24 random bits, so the float is exact.
+ACTNN_HD float uniform(RngKey key, uint64_t index) {
+  uint32_t r = mix32(mix32(uint32_t(index) ^ key.lo) ^ uint32_t(index >> 32) ^ key.hi);
+  return float(int32_t(r >> 8)) * 5.9604644775390625e-08f;  // 2^-24 (signed convert vectorizes)
+}
+
+// Min and max that propagate NaN (a comparison with NaN is false, so once the running value is
+// NaN it stays; `x != x` lets a NaN in), so a group's range reveals a NaN in it.
+ACTNN_HD float min_nan(float lo, float x) { return (x < lo || x != x) ? x : lo; }
+ACTNN_HD float max_nan(float hi, float x) { return (x > hi || x != x) ? x : hi; }
+
+// Stored min and scale of a group with float range [lo, hi] quantized to levels 0..levels.
+// The min is rounded down and the scale up to bfloat16, then the scale is raised until the group's
+// max maps to at most `levels` under the same float ops the quantizer uses: every value then lands
+// in [0, levels] with no clamping, which keeps the rounding unbiased. A constant group that bf16
+// represents exactly gets scale 1 and quantizes to 0 exactly. A non-finite input (or a range
+// beyond bf16/fp32) gives a non-finite min or scale, which the caller reports as an error.
+struct GroupParams {
+  uint16_t min_bits, scale_bits;
+};
+
+ACTNN_HD GroupParams group_params(float lo, float hi, int levels) {
+  GroupParams p;
+  lo = lo + 0.f;  // -0 -> +0: which zero a reduction finds first must not change the stored min
+  p.min_bits = bf16_round_down(lo);
+  float mn = bf16_to_float(p.min_bits);
+  float range = hi - mn;
+  if (range - range != 0.f || mn - mn != 0.f) {  // NaN or Inf in the input or the range
+    p.min_bits = 0x7FC0u;  // bf16 NaN
+    p.scale_bits = 0x7FC0u;
+    return p;
+  }
+  if (range == 0.f) {
+    p.scale_bits = 0x3F80u;  // 1.0
+    return p;
+  }
+  p.scale_bits = bf16_round_up(range / float(levels));
+  while (range / bf16_to_float(p.scale_bits) > float(levels)) p.scale_bits += 1;
+  return p;
+}
+
+// Stochastic rounding of x to an integer level: floor(v + u) with v = (x - min) / scale in
+// [0, levels] and u uniform in [0, 1) gives E[level] = v. u = 0.5 rounds to nearest instead.
+// t >= 0, so truncation is floor; a NaN fails the comparison and maps to `levels`.
+ACTNN_HD uint32_t quantize_value(float x, float mn, float scale, int levels, float u) {
+  float t = (x - mn) / scale + u;
+  return t < float(levels) ? uint32_t(int32_t(t)) : uint32_t(levels);
+}
+
+ACTNN_HD float dequantize_value(uint32_t level, float mn, float scale) {
+  return mn + float(level) * scale;
+}
+
+ACTNN_HD uint32_t unpack_value(const uint8_t* sample_data, int64_t j, int bits) {
+  int64_t bit = j * bits;
+  return (uint32_t(sample_data[bit >> 3]) >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
+}  // namespace actnn

@@ -1,0 +1,160 @@
+// CPU kernels: parallel over groups, each a thin loop over the shared math in common/codec.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/codec.h"
+
+namespace actnn {
+namespace {
+
+// Reading offsets and bits is cheap on the CPU, so the CPU kernels also check that the stream
+// layout they are given is one the format allows.
+void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
+                         int64_t sample_size, int64_t total_bytes) {
+  for (int64_t i = 0; i < n; ++i) {
+    int b = bits[i];
+    TORCH_CHECK(b == 1 || b == 2 || b == 4 || b == 8, "actnn_mm: bit width ", b,
+                " of sample ", i, " is not one of 1, 2, 4, 8");
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i + 1] - offsets[i] >= (sample_size * b + 7) / 8,
+                "actnn_mm: offsets leave sample ", i, " too little room");
+  }
+  TORCH_CHECK(offsets[n] <= total_bytes, "actnn_mm: offsets point past the data");
+}
+
+// The hot loop, also compiled for AVX2 and picked at run time; the same IEEE operations in
+// either build, so the same bits.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void quantize_levels(const float* values, int64_t len, float mn, float scale, int max_level,
+                     RngKey key, uint64_t first, bool stochastic, uint8_t* levels) {
+  if (stochastic) {
+    for (int64_t j = 0; j < len; ++j)
+      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, uniform(key, first + j)));
+  } else {
+    for (int64_t j = 0; j < len; ++j)
+      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, 0.5f));
+  }
+}
+
+template <typename scalar_t>
+void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offsets,
+                     int64_t sample_size, int64_t group_size, int64_t begin, int64_t end,
+                     RngKey key, bool stochastic, uint8_t* data, uint16_t* meta) {
+  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+  std::vector<float> values(group_size);
+  std::vector<uint8_t> levels(group_size);
+  for (int64_t group = begin; group < end; ++group) {
+    const int64_t n = group / groups_per_sample;
+    const int64_t start = (group % groups_per_sample) * group_size;
+    const int64_t len = std::min(group_size, sample_size - start);
+    const int64_t first = n * sample_size + start;  // element index, also the random counter
+    const int b = bits[n];
+    const int max_level = (1 << b) - 1;
+
+    float lo = float(x[first]), hi = lo;
+    for (int64_t j = 0; j < len; ++j) {
+      values[j] = float(x[first + j]);
+      lo = min_nan(lo, values[j]);
+      hi = max_nan(hi, values[j]);
+    }
+    const GroupParams p = group_params(lo, hi, max_level);
+    meta[2 * group] = p.min_bits;
+    meta[2 * group + 1] = p.scale_bits;
+    const float mn = bf16_to_float(p.min_bits), scale = bf16_to_float(p.scale_bits);
+
+    quantize_levels(values.data(), len, mn, scale, max_level, key, uint64_t(first), stochastic,
+                    levels.data());
+    uint8_t* out = data + offsets[n] + start * b / 8;
+    const int per_byte = 8 / b;
+    for (int64_t k = 0; k * per_byte < len; ++k) {
+      uint32_t byte = 0;
+      for (int i = 0; i < per_byte && k * per_byte + i < len; ++i)
+        byte |= uint32_t(levels[k * per_byte + i]) << (i * b);
+      out[k] = uint8_t(byte);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const at::Tensor& bits,
+                                                const at::Tensor& offsets, int64_t group_size,
+                                                int64_t seed, bool stochastic,
+                                                int64_t total_bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "actnn_mm: quantize expects a contiguous (N, M) tensor");
+  check_float_dtype(x.scalar_type());
+  const int64_t n = x.size(0), sample_size = x.size(1);
+  check_stream_args(bits, offsets, n, group_size, x.device());
+  check_stream_values(bits.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), n, sample_size,
+                      total_bytes);
+
+  const int64_t groups = n * num_groups(sample_size, group_size);
+  // Bytes between samples' streams (none unless the caller padded) are zeroed, never left stale.
+  at::Tensor data = at::zeros({total_bytes}, x.options().dtype(at::kByte));
+  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
+  const RngKey key = rng_key(uint64_t(seed));
+  ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_quantize", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    uint8_t* dp = data.data_ptr<uint8_t>();
+    uint16_t* mp = reinterpret_cast<uint16_t*>(meta.data_ptr<at::BFloat16>());
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      quantize_groups(xp, bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(),
+                      sample_size, group_size, begin, end, key, stochastic, dp, mp);
+    });
+  });
+  return {data, meta};
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
+                          const at::Tensor& offsets, int64_t n, int64_t sample_size,
+                          int64_t group_size, at::ScalarType dtype) {
+  check_float_dtype(dtype);
+  check_stream_args(bits, offsets, n, group_size, data.device());
+  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+  const int64_t groups = n * groups_per_sample;
+  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
+              "actnn_mm: data must be a contiguous uint8 vector");
+  TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) &&
+                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
+              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (", groups, ", 2)");
+  check_stream_values(bits.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), n, sample_size,
+                      data.numel());
+
+  at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
+  ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* dp = data.const_data_ptr<uint8_t>();
+    const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.const_data_ptr<at::BFloat16>());
+    const uint8_t* bp = bits.const_data_ptr<uint8_t>();
+    const int64_t* offp = offsets.const_data_ptr<int64_t>();
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t group = begin; group < end; ++group) {
+        const int64_t s = group / groups_per_sample;
+        const int64_t start = (group % groups_per_sample) * group_size;
+        const int64_t len = std::min(group_size, sample_size - start);
+        const int b = bp[s];
+        const float mn = bf16_to_float(mp[2 * group]), scale = bf16_to_float(mp[2 * group + 1]);
+        const uint8_t* sample_data = dp + offp[s];
+        scalar_t* o = op + s * sample_size + start;
+        for (int64_t j = 0; j < len; ++j)
+          o[j] = scalar_t(dequantize_value(unpack_value(sample_data, start + j, b), mn, scale));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+}
+
+}  // namespace actnn

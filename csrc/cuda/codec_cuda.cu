@@ -1,0 +1,156 @@
+// CUDA kernels: thin launchers over the shared math in common/codec.h (the same functions the
+// CPU kernels run and the tests check against the reference).
+#include <c10/cuda/CUDAException.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "../common/codec.h"
+
+namespace actnn {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t threads) {
+  return int(std::min<int64_t>((threads + kThreads - 1) / kThreads, 65535 * 8));
+}
+
+#define ACTNN_GRID_STRIDE_LOOP(i, total)                                              \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); \
+       i += int64_t(blockDim.x) * gridDim.x)
+
+// One warp per group: lanes read the group coalesced, then reduce min and max.
+template <typename scalar_t>
+__global__ void group_params_kernel(const scalar_t* x, const uint8_t* bits, int64_t sample_size,
+                                    int64_t group_size, int64_t groups_per_sample, int64_t groups,
+                                    uint16_t* meta) {
+  const int lane = threadIdx.x % 32;
+  ACTNN_GRID_STRIDE_LOOP(t, groups * 32) {
+    const int64_t group = t / 32;
+    const int64_t n = group / groups_per_sample;
+    const int64_t start = (group % groups_per_sample) * group_size;
+    const int64_t len = sample_size - start < group_size ? sample_size - start : group_size;
+    const scalar_t* xg = x + n * sample_size + start;
+    float lo = float(xg[0]), hi = lo;
+    for (int64_t j = lane; j < len; j += 32) {
+      lo = min_nan(lo, float(xg[j]));
+      hi = max_nan(hi, float(xg[j]));
+    }
+    for (int delta = 16; delta > 0; delta /= 2) {
+      lo = min_nan(lo, __shfl_xor_sync(0xffffffffu, lo, delta));
+      hi = max_nan(hi, __shfl_xor_sync(0xffffffffu, hi, delta));
+    }
+    if (lane == 0) {
+      const GroupParams p = group_params(lo, hi, (1 << bits[n]) - 1);
+      meta[2 * group] = p.min_bits;
+      meta[2 * group + 1] = p.scale_bits;
+    }
+  }
+}
+
+// One thread per output byte (a sample's stream is at most sample_size bytes long, at 8 bits).
+template <typename scalar_t>
+__global__ void pack_kernel(const scalar_t* x, const uint8_t* bits, const int64_t* offsets,
+                            const uint16_t* meta, int64_t n, int64_t sample_size,
+                            int64_t group_size, int64_t groups_per_sample, RngKey key,
+                            bool stochastic, uint8_t* data) {
+  ACTNN_GRID_STRIDE_LOOP(t, n * sample_size) {
+    const int64_t s = t / sample_size, k = t % sample_size;
+    const int b = bits[s];
+    if (k * 8 >= sample_size * b) continue;
+    const int per_byte = 8 / b, max_level = (1 << b) - 1;
+    uint32_t byte = 0;
+    for (int i = 0; i < per_byte && k * per_byte + i < sample_size; ++i) {
+      const int64_t j = k * per_byte + i;
+      const int64_t group = s * groups_per_sample + j / group_size;
+      const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
+      const int64_t index = s * sample_size + j;
+      const float u = stochastic ? uniform(key, uint64_t(index)) : 0.5f;
+      byte |= quantize_value(float(x[index]), mn, scale, max_level, u) << (i * b);
+    }
+    data[offsets[s] + k] = uint8_t(byte);
+  }
+}
+
+template <typename scalar_t>
+__global__ void dequantize_kernel(const uint8_t* data, const uint16_t* meta, const uint8_t* bits,
+                                  const int64_t* offsets, int64_t n, int64_t sample_size,
+                                  int64_t group_size, int64_t groups_per_sample, scalar_t* out) {
+  ACTNN_GRID_STRIDE_LOOP(t, n * sample_size) {
+    const int64_t s = t / sample_size, j = t % sample_size;
+    const int64_t group = s * groups_per_sample + j / group_size;
+    const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
+    out[t] = scalar_t(dequantize_value(unpack_value(data + offsets[s], j, bits[s]), mn, scale));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::Tensor& bits,
+                                                 const at::Tensor& offsets, int64_t group_size,
+                                                 int64_t seed, bool stochastic,
+                                                 int64_t total_bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "actnn_mm: quantize expects a contiguous (N, M) tensor");
+  check_float_dtype(x.scalar_type());
+  const int64_t n = x.size(0), sample_size = x.size(1);
+  check_stream_args(bits, offsets, n, group_size, x.device());
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+  const int64_t groups = n * groups_per_sample;
+  at::Tensor data = at::zeros({total_bytes}, x.options().dtype(at::kByte));
+  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
+  if (groups == 0) return {data, meta};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const RngKey key = rng_key(uint64_t(seed));
+  ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_quantize_cuda", [&] {
+    uint16_t* mp = reinterpret_cast<uint16_t*>(meta.data_ptr<at::BFloat16>());
+    group_params_kernel<scalar_t><<<blocks_for(groups * 32), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), bits.const_data_ptr<uint8_t>(), sample_size, group_size,
+        groups_per_sample, groups, mp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pack_kernel<scalar_t><<<blocks_for(n * sample_size), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), bits.const_data_ptr<uint8_t>(),
+        offsets.const_data_ptr<int64_t>(), mp, n, sample_size, group_size, groups_per_sample, key,
+        stochastic, data.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {data, meta};
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
+                           const at::Tensor& offsets, int64_t n, int64_t sample_size,
+                           int64_t group_size, at::ScalarType dtype) {
+  check_float_dtype(dtype);
+  check_stream_args(bits, offsets, n, group_size, data.device());
+  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
+              "actnn_mm: data must be a contiguous uint8 vector");
+  TORCH_CHECK(meta.sizes() == at::IntArrayRef({n * groups_per_sample, 2}) &&
+                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
+              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (",
+              n * groups_per_sample, ", 2)");
+  c10::cuda::CUDAGuard guard(data.device());
+  at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_cuda", [&] {
+    dequantize_kernel<scalar_t><<<blocks_for(n * sample_size), kThreads, 0, stream>>>(
+        data.const_data_ptr<uint8_t>(),
+        reinterpret_cast<const uint16_t*>(meta.const_data_ptr<at::BFloat16>()),
+        bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), n, sample_size,
+        group_size, groups_per_sample, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
+  m.impl("quantize", &quantize_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+}
+
+}  // namespace actnn

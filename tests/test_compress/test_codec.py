@@ -1,0 +1,286 @@
+"""The codec: kernels against the reference bit for bit, error bound, unbiasedness, bad input."""
+import warnings
+
+import pytest
+import torch
+
+from actnn_mm.compress import (CompressedTensor, dequantize, extension_loaded, ops, quantize,
+                               reference)
+from actnn_mm.compress.codec import _samples_view
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _shapes():
+    """(name, tensor factory) pairs covering the odd sizes and layouts the codec must take."""
+    def randn(*shape):
+        return torch.randn(*shape) * 3 + 1
+
+    return {
+        'groups_not_multiple': lambda: randn(4, 1000),
+        'single_element': lambda: randn(1),
+        'scalar': lambda: torch.tensor(2.5),
+        'empty_batch': lambda: randn(0, 3, 5),
+        'empty_sample': lambda: randn(3, 0),
+        'odd_4d': lambda: randn(2, 3, 17, 19),
+        'constant_groups': lambda: torch.full((2, 600), 0.3),
+        'channels_last': lambda: randn(2, 8, 5, 7).to(memory_format=torch.channels_last),
+        'channels_last_3d': lambda: randn(2, 4, 3, 5, 6).to(memory_format=torch.channels_last_3d),
+        'transposed': lambda: randn(9, 40).t(),
+        'strided_slice': lambda: randn(6, 64, 9)[::2, 5:50, ::3],
+        'large_dynamic_range': lambda: randn(2, 512) * torch.logspace(-3, 3, 512),
+    }
+
+
+SHAPES = _shapes()
+MIXED = 'mixed'
+
+
+def _bits_for(x: torch.Tensor, bits):
+    if bits != MIXED:
+        return bits
+    n = x.shape[0] if x.dim() else 1
+    return torch.tensor([1, 2, 4, 8])[torch.arange(n) % 4]
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('shape', list(SHAPES))
+@pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('stochastic', [True, False])
+def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic):
+    x = SHAPES[shape]().to(dtype)
+    c = quantize(x, _bits_for(x, bits), group_size=64, seed=12345, stochastic=stochastic)
+    samples, _ = _samples_view(x)
+    data, meta = reference.quantize(samples, c.bits, c.offsets, 64, 12345, stochastic,
+                                    c.data.numel())
+    assert torch.equal(c.data, data)
+    assert torch.equal(c.meta.view(torch.int16), meta.view(torch.int16))
+    expected = reference.dequantize(data, meta, c.bits, c.offsets, samples.shape[0],
+                                    samples.shape[1], 64, dtype)
+    assert torch.equal(_samples_view(dequantize(c))[0], expected)
+
+
+@pytest.mark.parametrize('shape', list(SHAPES))
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_round_trip_keeps_shape_dtype_layout(shape, dtype):
+    x = SHAPES[shape]().to(dtype)
+    y = dequantize(quantize(x, 8, group_size=64))
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    # Dense sample-major layouts come back as they went in; any other layout comes back contiguous.
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if layout is not None and x.is_contiguous(memory_format=layout):
+        assert y.is_contiguous(memory_format=layout)
+    else:
+        assert y.is_contiguous()
+
+
+def _group_scale(c: CompressedTensor, x: torch.Tensor) -> torch.Tensor:
+    """The scale of each element's group, in the (N, M) memory-order view."""
+    samples, _ = _samples_view(x)
+    n, m = samples.shape
+    scale = c.meta.float().view(n, -1, 2)[..., 1]
+    return scale.repeat_interleave(c.group_size, dim=1)[:, :m]
+
+
+@pytest.mark.parametrize('shape', ['groups_not_multiple', 'odd_4d', 'channels_last',
+                                   'large_dynamic_range', 'constant_groups'])
+@pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
+def test_error_at_most_one_step(shape, bits):
+    x = SHAPES[shape]()
+    c = quantize(x, _bits_for(x, bits), group_size=64)
+    err = (_samples_view(dequantize(c))[0] - _samples_view(x)[0]).abs()
+    assert bool((err <= _group_scale(c, x)).all())
+
+
+def test_round_to_nearest_error_at_most_half_step():
+    x = torch.randn(4, 1000)
+    c = quantize(x, 2, group_size=64, stochastic=False)
+    err = (dequantize(c) - x).abs()
+    assert bool((err <= _group_scale(c, x) / 2 * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize('bits', [1, 2, 4])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_unbiased_error_shrinks_like_inverse_sqrt(bits, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(8, 512) * torch.rand(8, 1) * 4).to(dtype)
+    copies = torch.stack([dequantize(quantize(x, bits)).float() for _ in range(1024)])
+    err_16 = (copies[:16].mean(0) - x.float()).abs().mean()
+    err_1024 = (copies.mean(0) - x.float()).abs().mean()
+    # sqrt(1024 / 16) = 8: allow some slack for noise, none for a bias (which would not shrink).
+    assert err_1024 < err_16 / 5
+    single = (copies[0] - x.float()).abs().mean()
+    assert err_1024 < single / 20
+
+
+def test_constant_group_exact_when_bf16_representable():
+    x = torch.full((3, 300), 0.375)  # exactly representable
+    assert torch.equal(dequantize(quantize(x, 2)), x)
+
+
+def test_constant_group_unbiased_when_not_representable():
+    x = torch.full((1, 256), 0.3)
+    mean = torch.stack([dequantize(quantize(x, 2)) for _ in range(64)]).mean()
+    assert abs(float(mean) - 0.3) < 1e-4
+
+
+@pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
+def test_nbytes_is_what_is_held(bits):
+    x = torch.randn(6, 3, 33, 31)  # 3069 values per sample: not a multiple of 8 or of the group
+    c = quantize(x, _bits_for(x, bits))
+    widths = c.bits.long()
+    groups = 6 * -(-3069 // 256)
+    packed = int(((3069 * widths + 7) // 8).sum())
+    assert c.data.numel() == packed
+    assert c.nbytes == packed + 4 * groups + 9 * 6 + 8
+    if bits != MIXED:  # within one byte per sample of the ideal stream
+        assert packed - (x.numel() * bits + 7) // 8 < 6
+
+
+def test_compression_ratio_at_two_bits():
+    x = torch.randn(16, 64, 28, 28)
+    c = quantize(x, 2)
+    ratio = x.numel() * 4 / c.nbytes
+    assert ratio > 15.0  # 32 / (2 + 32/256) = 15.06 in the limit
+
+
+def test_seed_reproducible_and_none_follows_manual_seed():
+    x = torch.randn(4, 700)
+    assert torch.equal(quantize(x, 2, seed=7).data, quantize(x, 2, seed=7).data)
+    assert not torch.equal(quantize(x, 2, seed=7).data, quantize(x, 2, seed=8).data)
+    torch.manual_seed(3)
+    a = quantize(x, 2).data
+    torch.manual_seed(3)
+    assert torch.equal(a, quantize(x, 2).data)
+    assert not torch.equal(a, quantize(x, 2).data)
+
+
+def test_seed_accepts_any_python_int():
+    x = torch.randn(2, 100)
+    assert torch.equal(quantize(x, 2, seed=-1).data, quantize(x, 2, seed=2**64 - 1).data)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), float('-inf')])
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_nan_inf_raise(bad, dtype):
+    x = torch.randn(3, 500)
+    x[2, 321] = bad
+    with pytest.raises(ValueError, match=r'NaN or Inf.*1 of 6 groups, the first in sample 2'):
+        quantize(x.to(dtype), 2)
+
+
+def test_values_beyond_bf16_range_raise():
+    x = torch.tensor([[-3.4e38, 3.4e38]])
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        quantize(x, 2)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.int32, torch.uint8, torch.bool])
+def test_wrong_dtype_raises(dtype):
+    with pytest.raises(TypeError, match='float32, float16 or bfloat16'):
+        quantize(torch.zeros(2, 3, dtype=dtype), 2)
+
+
+def test_not_a_tensor_raises():
+    with pytest.raises(TypeError):
+        quantize([1.0, 2.0], 2)
+
+
+@pytest.mark.parametrize('bits', [0, 3, 16, 32, 2.0, True, 'L3', None])
+def test_bad_bits_raise(bits):
+    with pytest.raises(ValueError, match='bits'):
+        quantize(torch.randn(2, 8), bits)
+
+
+@pytest.mark.parametrize('bits', [torch.tensor([2, 3]), torch.tensor([2]), torch.tensor([[2, 2]]),
+                                  torch.tensor([2.0, 2.0])])
+def test_bad_per_sample_bits_raise(bits):
+    with pytest.raises(ValueError, match='bit'):
+        quantize(torch.randn(2, 8), bits)
+
+
+@pytest.mark.parametrize('group_size', [0, -8, 12, 7.5, True])
+def test_bad_group_size_raises(group_size):
+    with pytest.raises(ValueError, match='group_size'):
+        quantize(torch.randn(2, 8), 2, group_size=group_size)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_ops_check_their_arguments():
+    x = torch.randn(2, 16)
+    bits = torch.tensor([2, 3], dtype=torch.uint8)
+    offsets = torch.tensor([0, 4, 8])
+    with pytest.raises(RuntimeError, match='bit width 3'):
+        torch.ops.actnn_mm.quantize(x, bits, offsets, 8, 0, True, 8)
+    bits = torch.tensor([2, 2], dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match='too little room'):
+        torch.ops.actnn_mm.quantize(x, bits, torch.tensor([0, 3, 8]), 8, 0, True, 8)
+    with pytest.raises(RuntimeError, match='past the data'):
+        torch.ops.actnn_mm.quantize(x, bits, offsets, 8, 0, True, 7)
+    with pytest.raises(RuntimeError, match='multiple of 8'):
+        torch.ops.actnn_mm.quantize(x, bits, offsets, 12, 0, True, 8)
+    with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
+        torch.ops.actnn_mm.quantize(x.double(), bits, offsets, 8, 0, True, 8)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_opcheck(dtype):
+    x = torch.randn(3, 100).to(dtype)
+    c = quantize(x, torch.tensor([1, 2, 8]), group_size=32, seed=5)
+    torch.library.opcheck(torch.ops.actnn_mm.quantize,
+                          (x, c.bits, c.offsets, 32, 5, True, c.data.numel()))
+    torch.library.opcheck(torch.ops.actnn_mm.dequantize,
+                          (c.data, c.meta, c.bits, c.offsets, 3, 100, 32, dtype))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_ops_trace_with_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 300, dtype=torch.bfloat16)
+        bits = torch.full((4,), 2, dtype=torch.uint8)
+        offsets = torch.arange(5) * 75
+        data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 1, True, 300)
+        y = torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 4, 300, 64, torch.bfloat16)
+    assert data.shape == (300,) and data.dtype == torch.uint8
+    assert meta.shape == (4 * 5, 2) and meta.dtype == torch.bfloat16
+    assert y.shape == (4, 300) and y.dtype == torch.bfloat16
+
+
+def test_reference_fallback_warns_once_and_matches(monkeypatch):
+    x = torch.randn(3, 200)
+    expected = quantize(x, 2, seed=9)
+    monkeypatch.setattr(ops, '_C', None)
+    monkeypatch.setattr(ops, '_IMPORT_ERROR', ImportError('not built'), raising=False)
+    monkeypatch.setattr(ops, '_warned', False)
+    with pytest.warns(UserWarning, match='pure-PyTorch codec'):
+        got = quantize(x, 2, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        y = dequantize(got)
+    assert torch.equal(got.data, expected.data)
+    assert torch.equal(y, dequantize(expected))
+
+
+def test_to_same_device_is_free():
+    c = quantize(torch.randn(2, 300), 4)
+    assert c.to('cpu') is c
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_cuda_matches_cpu_bit_for_bit(bits, dtype):
+    x = (torch.randn(5, 3, 37, 41) * 2).to(dtype)
+    widths = _bits_for(x, bits)
+    cpu = quantize(x, widths, seed=77)
+    gpu = quantize(x.cuda(), widths, seed=77)
+    assert torch.equal(cpu.data, gpu.data.cpu())
+    assert torch.equal(cpu.meta.view(torch.int16), gpu.meta.cpu().view(torch.int16))
+    assert torch.equal(dequantize(cpu), dequantize(gpu).cpu())
+    assert torch.equal(dequantize(cpu.to('cuda')).cpu(), dequantize(cpu))
+    pinned = gpu.to('cpu').pin_memory()
+    assert pinned.data.is_pinned() and torch.equal(dequantize(pinned), dequantize(cpu))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the extension with the CUDA kernels into a temporary folder and loads it: a CUDA compile
+# or link error fails. Needs nvcc, not a GPU. CUDA_HOME is taken from where nvcc really lives
+# (nvcc may be a wrapper script, so its path alone does not tell).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(realpath "${VENV:-.venv}")/bin/python
+command -v nvcc >/dev/null || { echo "nvcc not found: skipping the CUDA build"; exit 0; }
+if [ -z "${CUDA_HOME:-}" ]; then
+  top=$(cd /tmp && nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  CUDA_HOME=$(cd "$top" && pwd -P)
+fi
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+echo "Building the CUDA extension with CUDA_HOME=$CUDA_HOME into $out"
+FORCE_CUDA=1 CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} \
+  MAX_JOBS=${MAX_JOBS:-2} $PY setup.py -q build_ext --build-lib "$out/lib" --build-temp "$out/tmp"
+so=$(ls "$out"/lib/actnn_mm/_C*.so)
+# Load it alone (not beside the installed CPU build, whose op registrations would clash).
+(cd "$out" && $PY - "$so" <<'PY'
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location('_C', sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+assert module.with_cuda == 1, 'built without the CUDA kernels'
+x = torch.randn(2, 100)
+bits, offsets = torch.full((2,), 2, dtype=torch.uint8), torch.tensor([0, 25, 50])
+data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
+y = torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 2, 100, 64, torch.float32)
+assert y.shape == x.shape
+print('CUDA extension built, linked and loaded:', sys.argv[1].rsplit('/', 1)[-1])
+PY
+)
