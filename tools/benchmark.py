@@ -1,6 +1,6 @@
 """Benchmarks, each figure measured side by side in one run.
 
-    python tools/benchmark.py codec [--shape 16 64 56 56] [--repeat 5]
+    python tools/benchmark.py codec [--shape 64 64 56 56] [--repeat 5]
 
 Results are printed as a table and saved as JSON under work_dirs/bench/.
 """
@@ -89,7 +89,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     studies = parser.add_subparsers(dest='study', required=True)
     p = studies.add_parser('codec', help='codec throughput vs the reference and a memory copy')
-    p.add_argument('--shape', type=int, nargs='+', default=[16, 64, 56, 56])
+    p.add_argument('--shape', type=int, nargs='+', default=[64, 64, 56, 56])
     p.add_argument('--repeat', type=int, default=7)
     p.add_argument('--ref-repeat', type=int, default=2)
     p.set_defaults(run=codec)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -28,11 +29,55 @@ void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
   TORCH_CHECK(offsets[n] <= total_bytes, "actnn_mm: offsets point past the data");
 }
 
-// The hot loop, also compiled for AVX2 and picked at run time; the same IEEE operations in
+// The hot loops are also compiled for AVX2 and picked at run time: the same IEEE operations in
 // either build, so the same bits.
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
+#define ACTNN_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ACTNN_CPU_CLONES
 #endif
+
+// Min and max of a group. Eight lanes at a time with GCC/Clang vector types (compiled to SSE or
+// AVX2 by the clone in use); a non-finite value is flagged from its exponent bits, since only
+// whether the group is finite matters then. The order of the reduction does not change the result
+// (group_params canonicalizes -0).
+ACTNN_CPU_CLONES
+void group_range(const float* values, int64_t len, float& lo, float& hi) {
+  lo = hi = values[0];
+  bool finite = true;
+  int64_t j = 0;
+#if defined(__GNUC__)
+  typedef float f8 __attribute__((vector_size(32)));
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  if (len >= 8) {
+    f8 vlo, vhi;
+    memcpy(&vlo, values, sizeof(f8));
+    vhi = vlo;
+    i8 nonfinite = {};
+    for (; j + 8 <= len; j += 8) {
+      f8 v;
+      i8 u;
+      memcpy(&v, values + j, sizeof(f8));
+      memcpy(&u, values + j, sizeof(i8));
+      vlo = v < vlo ? v : vlo;
+      vhi = v > vhi ? v : vhi;
+      nonfinite |= (u & 0x7F800000) == 0x7F800000;
+    }
+    for (int l = 0; l < 8; ++l) {
+      lo = min_nan(lo, vlo[l]);
+      hi = max_nan(hi, vhi[l]);
+      finite = finite && !nonfinite[l];
+    }
+  }
+#endif
+  for (; j < len; ++j) {
+    lo = min_nan(lo, values[j]);
+    hi = max_nan(hi, values[j]);
+  }
+  if (!finite) lo = NAN;
+}
+
+ACTNN_CPU_CLONES
 void quantize_levels(const float* values, int64_t len, float mn, float scale, int max_level,
                      RngKey key, uint64_t first, bool stochastic, uint8_t* levels) {
   if (stochastic) {
@@ -41,6 +86,50 @@ void quantize_levels(const float* values, int64_t len, float mn, float scale, in
   } else {
     for (int64_t j = 0; j < len; ++j)
       levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, 0.5f));
+  }
+}
+
+// Packs `len` levels of BITS bits into bytes (the trailing byte zero-padded).
+template <int BITS>
+void pack_levels(const uint8_t* levels, int64_t len, uint8_t* out) {
+  constexpr int kPerByte = 8 / BITS;
+  const int64_t full = len / kPerByte;
+  for (int64_t k = 0; k < full; ++k) {
+    uint32_t byte = 0;
+    for (int i = 0; i < kPerByte; ++i) byte |= uint32_t(levels[k * kPerByte + i]) << (i * BITS);
+    out[k] = uint8_t(byte);
+  }
+  if (full * kPerByte < len) {
+    uint32_t byte = 0;
+    for (int64_t i = 0; full * kPerByte + i < len; ++i)
+      byte |= uint32_t(levels[full * kPerByte + i]) << (i * BITS);
+    out[full] = uint8_t(byte);
+  }
+}
+
+// Unpacks and dequantizes `len` values of BITS bits starting at value `start` of a sample.
+template <int BITS, typename scalar_t>
+void dequantize_values(const uint8_t* sample_data, int64_t start, int64_t len, float mn,
+                       float scale, scalar_t* out) {
+  constexpr int kPerByte = 8 / BITS;
+  const uint8_t* in = sample_data + start / kPerByte;  // start is a multiple of 8
+  const int64_t full = len / kPerByte;
+  for (int64_t k = 0; k < full; ++k)
+    for (int i = 0; i < kPerByte; ++i)
+      out[k * kPerByte + i] = scalar_t(dequantize_value(
+          (uint32_t(in[k]) >> (i * BITS)) & ((1u << BITS) - 1u), mn, scale));
+  for (int64_t j = full * kPerByte; j < len; ++j)
+    out[j] = scalar_t(dequantize_value(unpack_value(sample_data, start + j, BITS), mn, scale));
+}
+
+// Calls f(std::integral_constant<int, b>) for a run-time bit width b.
+template <typename F>
+void dispatch_bits(int b, F&& f) {
+  switch (b) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 4: return f(std::integral_constant<int, 4>());
+    default: return f(std::integral_constant<int, 8>());
   }
 }
 
@@ -59,27 +148,16 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
     const int b = bits[n];
     const int max_level = (1 << b) - 1;
 
-    float lo = float(x[first]), hi = lo;
-    for (int64_t j = 0; j < len; ++j) {
-      values[j] = float(x[first + j]);
-      lo = min_nan(lo, values[j]);
-      hi = max_nan(hi, values[j]);
-    }
+    for (int64_t j = 0; j < len; ++j) values[j] = float(x[first + j]);
+    float lo, hi;
+    group_range(values.data(), len, lo, hi);
     const GroupParams p = group_params(lo, hi, max_level);
     meta[2 * group] = p.min_bits;
     meta[2 * group + 1] = p.scale_bits;
-    const float mn = bf16_to_float(p.min_bits), scale = bf16_to_float(p.scale_bits);
-
-    quantize_levels(values.data(), len, mn, scale, max_level, key, uint64_t(first), stochastic,
-                    levels.data());
+    quantize_levels(values.data(), len, bf16_to_float(p.min_bits), bf16_to_float(p.scale_bits),
+                    max_level, key, uint64_t(first), stochastic, levels.data());
     uint8_t* out = data + offsets[n] + start * b / 8;
-    const int per_byte = 8 / b;
-    for (int64_t k = 0; k * per_byte < len; ++k) {
-      uint32_t byte = 0;
-      for (int i = 0; i < per_byte && k * per_byte + i < len; ++i)
-        byte |= uint32_t(levels[k * per_byte + i]) << (i * b);
-      out[k] = uint8_t(byte);
-    }
+    dispatch_bits(b, [&](auto bits_c) { pack_levels<decltype(bits_c)::value>(levels.data(), len, out); });
   }
 }
 
@@ -138,12 +216,11 @@ at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const 
         const int64_t s = group / groups_per_sample;
         const int64_t start = (group % groups_per_sample) * group_size;
         const int64_t len = std::min(group_size, sample_size - start);
-        const int b = bp[s];
         const float mn = bf16_to_float(mp[2 * group]), scale = bf16_to_float(mp[2 * group + 1]);
-        const uint8_t* sample_data = dp + offp[s];
         scalar_t* o = op + s * sample_size + start;
-        for (int64_t j = 0; j < len; ++j)
-          o[j] = scalar_t(dequantize_value(unpack_value(sample_data, start + j, b), mn, scale));
+        dispatch_bits(bp[s], [&](auto bits_c) {
+          dequantize_values<decltype(bits_c)::value>(dp + offp[s], start, len, mn, scale, o);
+        });
       }
     });
   });
