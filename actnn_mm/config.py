@@ -1,0 +1,193 @@
+"""The knobs of activation compression: one validated :data:`config` object and the L0-L5 levels.
+
+``set_optimization_level`` sets every knob at once, as in ActNN:
+
+====== ========================================================================================
+level  meaning
+====== ========================================================================================
+L0     no compression: :func:`actnn_mm.QModule` converts nothing, layers keep full precision
+L1     4-bit per-group compression of the conv layers only
+L2     4-bit per-group compression of all layers
+L3     2-bit compression of all layers (uniform until adaptive allocation lands)
+L4     L3 + compressed activations swapped to pinned CPU memory when they live on CUDA
+L5     L4 + the CUDA caching allocator's ``expandable_segments`` (against fragmentation)
+====== ========================================================================================
+
+The knobs can also be set one by one (``actnn_mm.config.group_size = 128``); every assignment is
+validated and unknown names are refused, so a typo cannot silently do nothing.
+"""
+import dataclasses
+import logging
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+
+from .compress import SUPPORTED_BITS
+
+logger = logging.getLogger('actnn_mm')
+
+LEVELS = ('L0', 'L1', 'L2', 'L3', 'L4', 'L5')
+COMPRESSED_LAYERS = ('none', 'conv', 'all')
+_ALLOC_CONF_VARS = ('PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF')
+_EXPANDABLE = 'expandable_segments:True'
+
+
+@dataclasses.dataclass
+class Config:
+    """Activation compression settings, read by the layers at every forward pass.
+
+    Attributes:
+        level: the optimization level ('L0'..'L5'); assigning it sets the other knobs as in
+            the table above.
+        activation_compression_bits: ActNN-style list whose first entry is the bit width of the
+            compressed activations (1, 2, 4 or 8).
+        group_size: values per quantization group (a positive multiple of 8).
+        stochastic: stochastic (unbiased) rounding; False rounds to nearest (biased gradients).
+        compressed_layers: which layer families compress their saved activations and which
+            :func:`actnn_mm.QModule` converts: 'none' (L0), 'conv' (L1: convolutions only) or
+            'all'. ReLU, Dropout and MaxPool2d keep lossless 1-bit masks / compact indices.
+        adaptive: per-sample, per-layer mixed precision (ActNN's L3); not available yet, must be
+            False.
+        swap: move compressed activations of CUDA tensors to pinned CPU memory until backward.
+        expandable_segments: enable the CUDA caching allocator's expandable segments (set when
+            True is assigned; effective only if CUDA is not initialised yet).
+    """
+
+    level: str = 'L3'
+    activation_compression_bits: List[int] = dataclasses.field(default_factory=lambda: [2])
+    group_size: int = 256
+    stochastic: bool = True
+    compressed_layers: str = 'all'
+    adaptive: bool = False
+    swap: bool = False
+    expandable_segments: bool = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _VALIDATORS:
+            raise AttributeError(f'actnn_mm.config has no setting {name!r}; settings: '
+                                 f'{", ".join(_VALIDATORS)}')
+        value = _VALIDATORS[name](value)
+        super().__setattr__(name, value)
+        if name == 'level':
+            for knob, setting in _LEVEL_SETTINGS[value].items():
+                setattr(self, knob, setting)
+        elif name == 'expandable_segments' and value:
+            _enable_expandable_segments()
+
+    @property
+    def bits(self) -> int:
+        """The uniform bit width of compressed activations."""
+        return self.activation_compression_bits[0]
+
+    def compresses(self, family: str) -> bool:
+        """Whether layers of ``family`` ('conv' or another family name) quantize what they save."""
+        return self.compressed_layers == 'all' or (self.compressed_layers == 'conv'
+                                                   and family == 'conv')
+
+
+def _flag(name: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f'actnn_mm.config.{name} must be a bool, got {value!r}')
+        return value
+    return check
+
+
+def _choice(name: str, choices: Tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f'actnn_mm.config.{name} must be one of {", ".join(choices)}, '
+                             f'got {value!r}')
+        return value
+    return check
+
+
+def _bits_list(value: Any) -> List[int]:
+    if isinstance(value, (int, str, bytes)) or not value or any(
+            isinstance(b, bool) or b not in SUPPORTED_BITS for b in value):
+        raise ValueError(f'actnn_mm.config.activation_compression_bits must be a non-empty list '
+                         f'of widths in {SUPPORTED_BITS}, got {value!r}')
+    return list(value)
+
+
+def _group_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8:
+        raise ValueError(f'actnn_mm.config.group_size must be a positive multiple of 8, '
+                         f'got {value!r}')
+    return value
+
+
+def _adaptive(value: Any) -> bool:
+    if _flag('adaptive')(value):
+        raise ValueError('actnn_mm.config.adaptive: adaptive mixed-precision allocation is not '
+                         'available yet; L3 runs at uniform bits')
+    return value
+
+
+def _level(value: Any) -> str:
+    if value not in LEVELS:
+        raise ValueError(f'actnn_mm: unknown optimization level {value!r}; valid levels: '
+                         f'{", ".join(LEVELS)}')
+    return value
+
+
+_VALIDATORS: Dict[str, Callable[[Any], Any]] = {
+    'level': _level,
+    'activation_compression_bits': _bits_list,
+    'group_size': _group_size,
+    'stochastic': _flag('stochastic'),
+    'compressed_layers': _choice('compressed_layers', COMPRESSED_LAYERS),
+    'adaptive': _adaptive,
+    'swap': _flag('swap'),
+    'expandable_segments': _flag('expandable_segments'),
+}
+
+_LEVEL_SETTINGS: Dict[str, Dict[str, Any]] = {
+    'L0': dict(compressed_layers='none', activation_compression_bits=[8], swap=False,
+               expandable_segments=False),
+    'L1': dict(compressed_layers='conv', activation_compression_bits=[4], swap=False,
+               expandable_segments=False),
+    'L2': dict(compressed_layers='all', activation_compression_bits=[4], swap=False,
+               expandable_segments=False),
+    'L3': dict(compressed_layers='all', activation_compression_bits=[2], swap=False,
+               expandable_segments=False),
+    'L4': dict(compressed_layers='all', activation_compression_bits=[2], swap=True,
+               expandable_segments=False),
+    'L5': dict(compressed_layers='all', activation_compression_bits=[2], swap=True,
+               expandable_segments=True),
+}
+
+config = Config()
+
+
+def set_optimization_level(level: str) -> None:
+    """Set all knobs of :data:`config` to those of an ActNN optimization level.
+
+    Call it before :func:`actnn_mm.QModule` (which converts according to the level); the layers
+    read the other knobs at every forward pass. L5 enables the CUDA allocator's expandable
+    segments, which only takes effect if CUDA is not initialised yet (a warning says otherwise).
+
+    Args:
+        level: 'L0', 'L1', 'L2', 'L3', 'L4' or 'L5'.
+
+    Raises:
+        ValueError: ``level`` is not one of them.
+    """
+    config.level = level
+
+
+def _enable_expandable_segments() -> None:
+    """Add ``expandable_segments:True`` to the allocator configuration read at CUDA start-up."""
+    names = [name for name in _ALLOC_CONF_VARS if os.environ.get(name)] or [_ALLOC_CONF_VARS[0]]
+    for name in names:
+        current = os.environ.get(name, '')
+        if 'expandable_segments' not in current:
+            os.environ[name] = f'{current},{_EXPANDABLE}' if current else _EXPANDABLE
+    if torch.cuda.is_initialized():
+        warnings.warn('actnn_mm: CUDA is already initialised, so expandable_segments (L5) takes '
+                      'effect only in processes started from now on; set the optimization level '
+                      f'before any CUDA work, or export {names[0]}={_EXPANDABLE}', stacklevel=3)
+    else:
+        logger.info('actnn_mm: %s=%s', names[0], os.environ[names[0]])

@@ -1,0 +1,140 @@
+"""Model conversion: swap a model's torch layers for ActNN layers in place, and back.
+
+The swap changes only each module's class (``module.__class__ = QConv2d``): parameters, buffers,
+hooks and ``state_dict`` keys stay the same objects, so conversion works at any time (after
+``.to(device)``, after the optimizer is built, inside a DDP wrapper) and checkpoints of converted
+and plain models load into each other.
+"""
+import collections
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Tuple, Type
+
+from torch import nn
+
+from .config import config
+from .layers import LAYERS, QLayer
+
+logger = logging.getLogger('actnn_mm')
+
+_TARGETS: Dict[Type[nn.Module], Type[QLayer]] = {layer._actnn_base: layer for layer in LAYERS}
+_SUPPORTED = tuple(_TARGETS)
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    """What :func:`convert` did.
+
+    Attributes:
+        level: the optimization level at conversion.
+        converted: number of layers converted, by torch class name.
+        already: number of layers that were ActNN layers already, by class name.
+        skipped: (module name, class name, reason) of each layer left as it was.
+    """
+
+    level: str
+    converted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    already: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    skipped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        def counts(counter: collections.Counter[str]) -> str:
+            return ', '.join(f'{n} {name}' for name, n in counter.most_common()) or 'none'
+
+        lines = [f'actnn_mm ({self.level}): converted {counts(self.converted)}']
+        if self.already:
+            lines.append(f'  already converted: {counts(self.already)}')
+        groups: Dict[Tuple[str, str], List[str]] = collections.defaultdict(list)
+        for name, cls, reason in self.skipped:
+            groups[(cls, reason)].append(name or '<root>')
+        for (cls, reason), names in groups.items():
+            shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+            lines.append(f'  skipped {len(names)} {cls} ({shown}): {reason}')
+        return '\n'.join(lines)
+
+
+def _unsupported(module: nn.Module) -> Optional[str]:
+    """Why a layer of a supported class cannot be converted, or None."""
+    if isinstance(module, nn.MaxPool2d) and module.return_indices:
+        return 'return_indices=True is not supported (the indices are an output)'
+    return None
+
+
+def _not_candidate(module: nn.Module) -> Optional[str]:
+    """Why a layer of an unsupported class is worth reporting, or None if it is not."""
+    if isinstance(module, _SUPPORTED):
+        base = next(cls for cls in _SUPPORTED if isinstance(module, cls))
+        return (f'subclass of {base.__name__}: converting would replace its own forward; its '
+                f'activations stay in full precision')
+    if next(module.parameters(recurse=False), None) is not None:
+        return 'no ActNN layer for this type: its activations stay in full precision'
+    return None
+
+
+def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
+    """Convert the supported layers of ``model`` in place, following ``config``.
+
+    Exact instances of the supported torch classes are converted (subclasses are skipped: they
+    may have their own forward); ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits
+    which families are. Converting twice is a no-op.
+
+    Args:
+        model: any module, e.g. a DDP wrapper (its wrapped module is converted).
+
+    Returns:
+        ``model`` and the summary of what was converted and skipped, with reasons.
+    """
+    summary = ConversionSummary(config.level)
+    for name, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, QLayer):
+            summary.already[cls.__name__] += 1
+            continue
+        target = _TARGETS.get(cls)
+        if target is None:
+            reason = _not_candidate(module)
+        elif not config.compresses(target._actnn_family):
+            reason = (f'level {config.level} (compressed_layers={config.compressed_layers!r}) '
+                      f'does not compress {target._actnn_family} layers')
+        else:
+            reason = _unsupported(module)
+        if reason is not None:
+            summary.skipped.append((name, cls.__name__, reason))
+        elif target is not None:
+            module.__class__ = target
+            summary.converted[cls.__name__] += 1
+    return model, summary
+
+
+def QModule(model: nn.Module) -> nn.Module:  # noqa: N802 (ActNN's name)
+    """Convert ``model``'s layers to ActNN layers in place and log a summary (logger 'actnn_mm').
+
+    Set the optimization level first (:func:`actnn_mm.set_optimization_level`): it decides which
+    layers are converted. Unlike ActNN's, this works at any time and returns the same object.
+
+    Args:
+        model: the model (or a DDP wrapper of it).
+
+    Returns:
+        ``model`` itself, converted.
+    """
+    model, summary = convert(model)
+    logger.info('%s', summary)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Turn the ActNN layers of ``model`` back into their torch classes, in place.
+
+    Args:
+        model: a model converted by :func:`QModule` (or holding ActNN layers built directly).
+
+    Returns:
+        ``model`` itself.
+    """
+    for module in model.modules():
+        if type(module) in LAYERS:
+            module.__class__ = type(module)._actnn_base
+            for key in ('actnn_saved_bytes', 'actnn_full_bytes'):
+                module.__dict__.pop(key, None)
+    return model

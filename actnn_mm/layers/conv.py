@@ -1,0 +1,175 @@
+"""QConv1d/2d/3d and QConvTranspose1d/2d/3d: one autograd Function over ``aten.convolution``."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .base import QLayer, autocast_inputs, grad_needed
+from .saved import save_activation, saved_activation
+
+Pads = Optional[List[int]]
+
+
+class _ConvFunction(torch.autograd.Function):
+    """Convolution (plain or transposed) saving its input compressed, optionally padded first.
+
+    ``pre_pad`` (F.pad order, last dim first) is applied inside the Function with ``pad_mode``, so
+    the padded input is kept only in compressed form and the input gradient is the pad's vector-
+    Jacobian product of the padded input's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], module: nn.Module, pre_pad: Pads, pad_mode: str,
+                stride: List[int], padding: List[int], dilation: List[int], transposed: bool,
+                output_padding: List[int], groups: int) -> torch.Tensor:
+        padded = x if pre_pad is None else F.pad(x, pre_pad, mode=pad_mode)
+        out = torch.ops.aten.convolution(padded, weight, bias, stride, padding, dilation,
+                                         transposed, output_padding, groups)
+        save_activation(ctx, module, padded if ctx.needs_input_grad[1] else None, weight)
+        ctx.input_shape = x.shape
+        ctx.padded_shape = padded.shape
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.args = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.pre_pad, ctx.pad_mode = pre_pad, pad_mode
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> Tuple[Optional[torch.Tensor], ...]:
+        padded, weight = saved_activation(ctx)
+        if padded is None:  # only the input gradient is needed: the input's shape suffices
+            padded = torch.empty((), dtype=grad.dtype, device=grad.device).expand(
+                ctx.padded_shape)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, padded, weight, ctx.bias_sizes, *ctx.args, list(ctx.needs_input_grad[:3]))
+        if grad_x is not None and ctx.pre_pad is not None:
+            grad_x = _pad_vjp(grad_x, ctx.input_shape, ctx.pre_pad, ctx.pad_mode)
+        return (grad_x, grad_w, grad_b) + (None,) * 9
+
+
+def _pad_vjp(grad: torch.Tensor, shape: torch.Size, pads: List[int], mode: str) -> torch.Tensor:
+    """Gradient w.r.t. the input of ``F.pad(input, pads, mode)`` given the padded gradient."""
+    with torch.enable_grad():
+        dummy = grad.new_empty(shape).requires_grad_()  # padding is linear: values unused
+        return torch.autograd.grad(F.pad(dummy, pads, mode=mode), dummy, grad)[0]
+
+
+def _conv_padding(module: nn.Module) -> Tuple[Pads, str, List[int]]:
+    """(pre_pad, pad_mode, conv padding) reproducing the module's ``padding``/``padding_mode``.
+
+    Symmetric zero padding goes to the convolution itself; other modes and the asymmetric zero
+    padding of ``padding='same'`` (even kernels) are applied by ``F.pad`` first.
+    """
+    dims = len(module.kernel_size)
+    if module.padding == 'valid':
+        left = right = [0] * dims
+    elif module.padding == 'same':
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        left = [t // 2 for t in total]
+        right = [t - t // 2 for t in total]
+    else:
+        left = right = list(module.padding)
+    if module.padding_mode == 'zeros' and left == right:
+        return None, 'constant', left
+    pre_pad = [p for i in reversed(range(dims)) for p in (left[i], right[i])]
+    mode = 'constant' if module.padding_mode == 'zeros' else module.padding_mode
+    return pre_pad, mode, [0] * dims
+
+
+def _transposed_output_padding(module: nn.Module, x: torch.Tensor,
+                               output_size: Optional[Sequence[int]]) -> List[int]:
+    """The output padding giving ``output_size`` (as ``nn.ConvTranspose*d`` computes it)."""
+    if output_size is None:
+        return list(module.output_padding)
+    dims = len(module.kernel_size)
+    sizes = list(output_size)
+    if len(sizes) == x.dim():
+        sizes = sizes[x.dim() - dims:]
+    if len(sizes) != dims:
+        raise ValueError(f'{type(module).__name__}: for {x.dim()}D input, output_size must have '
+                         f'{dims} or {x.dim()} elements (got {len(output_size)})')
+    result = []
+    for d in range(dims):
+        smallest = ((x.shape[x.dim() - dims + d] - 1) * module.stride[d] - 2 * module.padding[d]
+                    + module.dilation[d] * (module.kernel_size[d] - 1) + 1)
+        if not smallest <= sizes[d] < smallest + module.stride[d]:
+            raise ValueError(f'requested an output size of {sizes}, but valid sizes range from '
+                             f'{smallest} to {smallest + module.stride[d] - 1} in dim {d} (for '
+                             f'an input of {list(x.shape[x.dim() - dims:])})')
+        result.append(sizes[d] - smallest)
+    return result
+
+
+def _conv(module: nn.Module, x: torch.Tensor, transposed: bool,
+          output_padding: List[int]) -> torch.Tensor:
+    """Run the convolution of ``module`` on ``x`` through :class:`_ConvFunction`."""
+    dims = len(module.kernel_size)
+    if x.dim() == dims + 1:  # unbatched: the codec needs a sample axis
+        return _conv(module, x.unsqueeze(0), transposed, output_padding).squeeze(0)
+    x, weight, bias = autocast_inputs(x, module.weight, module.bias)
+    pre_pad, pad_mode, padding = (None, 'constant', list(module.padding)) if transposed \
+        else _conv_padding(module)
+    return _ConvFunction.apply(x, weight, bias, module, pre_pad, pad_mode, list(module.stride),
+                               padding, list(module.dilation), transposed, output_padding,
+                               module.groups)
+
+
+class _QConvMixin(QLayer):
+    _actnn_family = 'conv'
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Convolve ``input``, keeping it compressed for backward."""
+        if not grad_needed(input, self.weight, self.bias):
+            return super().forward(input)
+        return _conv(self, input, False, [0] * len(self.kernel_size))
+
+
+class _QConvTransposeMixin(QLayer):
+    _actnn_family = 'conv'
+
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None
+                ) -> torch.Tensor:
+        """Transposed convolution of ``input``, keeping it compressed for backward."""
+        if not grad_needed(input, self.weight, self.bias):
+            return super().forward(input, output_size)
+        return _conv(self, input, True, _transposed_output_padding(self, input, output_size))
+
+
+class QConv1d(_QConvMixin, nn.Conv1d):
+    """:class:`torch.nn.Conv1d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.Conv1d
+
+
+class QConv2d(_QConvMixin, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.Conv2d
+
+
+class QConv3d(_QConvMixin, nn.Conv3d):
+    """:class:`torch.nn.Conv3d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.Conv3d
+
+
+class QConvTranspose1d(_QConvTransposeMixin, nn.ConvTranspose1d):
+    """:class:`torch.nn.ConvTranspose1d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.ConvTranspose1d
+
+
+class QConvTranspose2d(_QConvTransposeMixin, nn.ConvTranspose2d):
+    """:class:`torch.nn.ConvTranspose2d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.ConvTranspose2d
+
+
+class QConvTranspose3d(_QConvTransposeMixin, nn.ConvTranspose3d):
+    """:class:`torch.nn.ConvTranspose3d` keeping its input compressed for backward."""
+
+    _actnn_base = nn.ConvTranspose3d

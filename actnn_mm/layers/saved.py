@@ -1,0 +1,251 @@
+"""How a layer keeps what its backward needs: the one place that decides bits, device and bytes.
+
+* :func:`save` keeps an activation: quantized when :func:`compresses` says so (the layer's
+  family is compressed at this level, ``config.compressed_layers``, and the dtype is supported),
+  else the tensor itself. The bit choice lives in :func:`bits_for`, the hook for mixed-precision
+  allocation; an activation read by several layers is compressed once.
+* :func:`save_packed` keeps a boolean mask (ReLU, Dropout) at 1 bit per value or small integers
+  (max-pool argmax offsets) at 4 or 8 bits, :func:`stash` any other exact tensor.
+* With ``config.swap`` (L4), what is kept of a CUDA tensor is copied to pinned CPU memory and
+  brought back in :func:`load`.
+* :func:`save_activation` / :func:`saved_activation` put all of it on an autograd context; a
+  full-precision activation goes through ``ctx.save_for_backward`` so in-place changes are caught.
+
+Every layer records on its module the bytes kept by its last call (``actnn_saved_bytes``) and
+what torch would have kept (``actnn_full_bytes``); :func:`held_bytes` tells how many bytes the
+layers hold outside autograd's saved tensors right now, over all modules.
+"""
+import dataclasses
+import functools
+import threading
+import weakref
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
+from ..config import config
+
+
+@dataclasses.dataclass
+class PackedInts:
+    """Small non-negative integers (or booleans) packed ``8 // bits`` per byte, in memory order.
+
+    Attributes:
+        data: uint8 packed values, value ``i`` in bits ``[b * (i % k), b * (i % k + 1))`` of byte
+            ``i // k`` for ``b = bits`` and ``k = 8 // bits``.
+        shape: shape of the original tensor.
+        permutation: dims of the original in memory order (None when contiguous).
+        bits: bits per value (1, 2, 4 or 8).
+        dtype: dtype of the original (bool or uint8).
+    """
+
+    data: torch.Tensor
+    shape: torch.Size
+    permutation: Optional[Tuple[int, ...]]
+    bits: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.data.numel()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the packed values."""
+        return self.data.device
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> 'PackedInts':
+        """A copy on ``device``."""
+        return dataclasses.replace(self, data=self.data.to(device, non_blocking=non_blocking))
+
+
+Kept = Union[torch.Tensor, CompressedTensor, PackedInts]
+
+
+@dataclasses.dataclass
+class Offloaded:
+    """What a layer keeps, moved to (pinned) CPU memory, and the device it goes back to."""
+
+    value: Kept
+    device: torch.device
+
+
+Stored = Union[Kept, Offloaded]
+
+_held_lock = threading.Lock()
+_held = [0]
+# id(activation) -> (weak activation, its version, quantization settings, weak stored copy)
+_shared: Dict[int, Tuple[weakref.ref, int, tuple, weakref.ref]] = {}
+
+
+def held_bytes() -> int:
+    """Bytes the layers hold now for backward outside autograd's saved tensors, all modules."""
+    return _held[0]
+
+
+def _track(nbytes: int) -> None:
+    with _held_lock:
+        _held[0] += nbytes
+
+
+def compresses(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether :func:`save` quantizes activation ``x`` of ``module``: its family is compressed
+    at this level and its dtype can be quantized (not e.g. float64)."""
+    return x.dtype in FLOAT_DTYPES and config.compresses(module._actnn_family)
+
+
+def bits_for(x: torch.Tensor, module: torch.nn.Module) -> int:
+    """Bit width ``module`` stores activation ``x`` at (called once per quantized activation).
+
+    Args:
+        x: the activation the layer's backward needs (``compresses(x, module)`` holds).
+        module: the layer.
+
+    Returns:
+        The configured uniform width.
+    """
+    return config.bits
+
+
+def _keep(value: Kept, module: torch.nn.Module, full_bytes: int) -> Stored:
+    """Account ``value`` to ``module`` and the live total; offload it for ``config.swap``."""
+    nbytes = value.nbytes
+    module.__dict__['actnn_saved_bytes'] = nbytes
+    module.__dict__['actnn_full_bytes'] = full_bytes
+    if config.swap and value.device.type == 'cuda':
+        device = value.device
+        value = value.to('cpu', non_blocking=True)  # a pinned copy for CUDA sources
+        stored: Stored = Offloaded(value, device)
+    else:
+        stored = value
+    _track(nbytes)
+    weakref.finalize(value, _track, -nbytes)
+    return stored
+
+
+def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Stored]:
+    """Keep activation ``x`` of ``module`` for backward.
+
+    An activation used by several layers (e.g. a ResNet block's input, read by ``conv1`` and the
+    downsample conv) is compressed once and shared while it is unchanged, as torch shares one
+    saved tensor.
+
+    Returns:
+        ``x`` itself when it stays in full precision (the caller must put it through
+        ``ctx.save_for_backward``), else its :class:`CompressedTensor` (possibly offloaded).
+    """
+    if not compresses(x, module):
+        module.__dict__['actnn_saved_bytes'] = module.__dict__['actnn_full_bytes'] = x.nbytes
+        return x
+    settings = (config.bits, config.group_size, config.stochastic, config.swap)
+    entry = _shared.get(id(x))
+    if entry is not None and entry[0]() is x and entry[1:3] == (x._version, settings):
+        stored = entry[3]()
+        if stored is not None:  # another layer keeps this very activation already
+            module.__dict__['actnn_saved_bytes'] = 0
+            module.__dict__['actnn_full_bytes'] = x.nbytes
+            return stored
+    compressed = quantize(x, bits_for(x, module), config.group_size,
+                          stochastic=config.stochastic)
+    stored = _keep(compressed, module, x.nbytes)
+    key = id(x)
+    _shared[key] = (weakref.ref(x, lambda _, key=key: _shared.pop(key, None)), x._version,
+                    settings, weakref.ref(stored))
+    return stored
+
+
+def stash(t: torch.Tensor, module: torch.nn.Module, full_bytes: int) -> Stored:
+    """Keep exact tensor ``t`` (e.g. compact indices) of ``module``; torch would keep
+    ``full_bytes`` instead."""
+    return _keep(t, module, full_bytes)
+
+
+def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes: int) -> Stored:
+    """Keep ``t`` of ``module`` (bool, or uint8 below ``2**bits``) packed at ``bits`` per value;
+    torch would keep ``full_bytes`` instead."""
+    return _keep(pack_ints(t, bits), module, full_bytes)
+
+
+def load(stored: Union[torch.Tensor, Stored]) -> torch.Tensor:
+    """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized)."""
+    if isinstance(stored, Offloaded):
+        stored = stored.value.to(stored.device, non_blocking=True)
+    if isinstance(stored, CompressedTensor):
+        return dequantize(stored)
+    if isinstance(stored, PackedInts):
+        return unpack_ints(stored)
+    return stored
+
+
+def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.Module,
+                    x: Optional[torch.Tensor], *exact: Optional[torch.Tensor]) -> None:
+    """Keep activation ``x`` (None if backward needs none) and exact tensors on ``ctx``.
+
+    The exact tensors (weights, statistics) and a full-precision ``x`` go through
+    ``ctx.save_for_backward``; a compressed ``x`` stays on ``ctx`` until :func:`saved_activation`.
+    """
+    if x is None:
+        module.__dict__['actnn_saved_bytes'] = module.__dict__['actnn_full_bytes'] = 0
+        stored = None
+    else:
+        stored = save(x, module)
+    ctx.actnn_plain = isinstance(stored, torch.Tensor)
+    if ctx.actnn_plain:
+        ctx.save_for_backward(stored, *exact)
+        ctx.actnn_stored = None
+    else:
+        ctx.save_for_backward(*exact)
+        ctx.actnn_stored = stored
+
+
+def saved_activation(ctx: torch.autograd.function.FunctionCtx
+                     ) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(x, *exact)`` as given to :func:`save_activation`; drops the compressed copy from ctx."""
+    if ctx.actnn_plain:
+        return ctx.saved_tensors
+    stored, ctx.actnn_stored = ctx.actnn_stored, None
+    return (None if stored is None else load(stored), *ctx.saved_tensors)
+
+
+def _memory_order(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:
+    """A contiguous view of ``x`` with dims in memory order, and that order (None if identity)."""
+    if x.is_contiguous():
+        return x, None
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    permuted = x.permute(order)
+    if permuted.is_contiguous():
+        return permuted, order
+    return x.contiguous(), None
+
+
+@functools.lru_cache(maxsize=None)
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offsets of the values in a byte packed at ``bits`` per value."""
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+
+
+def pack_ints(t: torch.Tensor, bits: int) -> PackedInts:
+    """Pack ``t`` (bool, or uint8 values below ``2**bits``) at ``bits`` (1, 2, 4 or 8) per value,
+    in its memory order (no copy of the layout)."""
+    ordered, permutation = _memory_order(t)
+    flat = ordered.reshape(-1).view(torch.uint8)
+    per_byte = 8 // bits
+    tail = (-flat.numel()) % per_byte
+    if tail:
+        flat = torch.cat([flat, flat.new_zeros(tail)])
+    data = (flat.view(-1, per_byte) << _shifts(bits, t.device)).sum(1, dtype=torch.uint8)
+    return PackedInts(data, t.shape, permutation, bits, t.dtype)
+
+
+def unpack_ints(packed: PackedInts) -> torch.Tensor:
+    """The tensor :func:`pack_ints` packed, with its shape, dtype and layout."""
+    shifts = _shifts(packed.bits, packed.data.device)
+    values = ((packed.data.unsqueeze(1) >> shifts) & (2**packed.bits - 1)).reshape(-1)
+    values = values[:packed.shape.numel()].view(packed.dtype)
+    if packed.permutation is None:
+        return values.reshape(packed.shape)
+    order = packed.permutation
+    ordered = values.reshape([packed.shape[d] for d in order])
+    return ordered.permute(sorted(range(len(order)), key=lambda i: order[i]))

@@ -1,0 +1,192 @@
+"""QConv1d/2d/3d and QConvTranspose1d/2d/3d against torch: exact at L0, close at 8 bits, unbiased
+at 2 bits; layouts, dtypes, autocast, padding modes and the no-compression fast paths."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import actnn_mm
+from actnn_mm.layers import saved
+from qchecks import assert_close_grads, assert_unbiased, grads, settings
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+
+# (torch class, constructor kwargs, input shape)
+CASES = {
+    'conv1d': (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3), (3, 4, 11)),
+    'conv1d_circular': (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=2,
+                                        padding_mode='circular'), (3, 4, 11)),
+    'conv2d_stride_pad': (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3,
+                                          stride=2, padding=1), (3, 4, 9, 9)),
+    'conv2d_dilation_groups': (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3,
+                                               dilation=2, groups=2, bias=False), (3, 4, 9, 8)),
+    'conv2d_depthwise': (nn.Conv2d, dict(in_channels=4, out_channels=4, kernel_size=3,
+                                         padding=1, groups=4), (3, 4, 7, 7)),
+    'conv2d_reflect': (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1,
+                                       padding_mode='reflect'), (3, 4, 7, 8)),
+    'conv2d_same_even_kernel': (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=4,
+                                                padding='same'), (3, 4, 7, 7)),
+    'conv2d_valid_rect': (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=(1, 3),
+                                          padding='valid', stride=(2, 1)), (3, 4, 7, 7)),
+    'conv3d_replicate': (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=3,
+                                         padding=1, padding_mode='replicate'), (2, 2, 5, 4, 5)),
+    'convt1d': (nn.ConvTranspose1d, dict(in_channels=4, out_channels=6, kernel_size=3,
+                                         stride=2), (3, 4, 6)),
+    'convt2d_outpad_groups': (nn.ConvTranspose2d, dict(in_channels=4, out_channels=6,
+                                                       kernel_size=3, stride=2, padding=1,
+                                                       output_padding=1, groups=2), (3, 4, 5, 5)),
+    'convt2d_dilation': (nn.ConvTranspose2d, dict(in_channels=4, out_channels=3, kernel_size=2,
+                                                  dilation=2, bias=False), (3, 4, 5, 4)),
+    'convt3d': (nn.ConvTranspose3d, dict(in_channels=2, out_channels=3, kernel_size=2,
+                                         stride=2), (2, 2, 3, 3, 3)),
+}
+Q = {nn.Conv1d: actnn_mm.QConv1d, nn.Conv2d: actnn_mm.QConv2d, nn.Conv3d: actnn_mm.QConv3d,
+     nn.ConvTranspose1d: actnn_mm.QConvTranspose1d, nn.ConvTranspose2d: actnn_mm.QConvTranspose2d,
+     nn.ConvTranspose3d: actnn_mm.QConvTranspose3d}
+
+
+def make(case: str, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    """(torch module, the same converted, input) with shared weights' values."""
+    cls, kwargs, shape = CASES[case]
+    torch.manual_seed(0)
+    ref = cls(**kwargs).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        ref, x = ref.to(memory_format=fmt), x.to(memory_format=fmt)
+    q = copy.deepcopy(ref)
+    q.__class__ = Q[cls]
+    return ref, q, x
+
+
+def layouts(case: str):
+    return [False, True] if len(CASES[case][2]) >= 4 else [False]
+
+
+@pytest.mark.parametrize('case,channels_last',
+                         [(c, cl) for c in CASES for cl in layouts(c)])
+def test_l0_equals_torch(case, channels_last):
+    ref, q, x = make(case, channels_last)
+    with settings('L0'):
+        got = grads(q, [x])
+    want = grads(ref, [x])
+    assert_close_grads(got, want, rtol=1e-6)
+    if channels_last:
+        assert got['input0'].is_contiguous(memory_format=torch.channels_last
+                                           if x.dim() == 4 else torch.channels_last_3d)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_8bit_close_and_only_weight_grad_approximate(case):
+    ref, q, x = make(case)
+    want = grads(ref, [x])
+    with settings('L2', activation_compression_bits=[8]):
+        got = grads(q, [x])
+    assert_close_grads(got, want, rtol=2e-2)
+    exact = {k: v for k, v in want.items() if k != 'weight'}
+    assert_close_grads({k: got[k] for k in exact}, exact, rtol=1e-6)
+    assert not torch.equal(got['weight'], want['weight'])  # really compressed
+
+
+@pytest.mark.parametrize('case', ['conv1d_circular', 'conv2d_stride_pad',
+                                  'conv2d_dilation_groups', 'conv2d_same_even_kernel',
+                                  'conv3d_replicate', 'convt2d_outpad_groups', 'convt3d'])
+def test_2bit_unbiased(case):
+    ref, q, x = make(case)
+    want = grads(ref, [x])
+    with settings('L3'):
+        assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['weight'])
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_2bit_unbiased_channels_last_bf16_params(channels_last):
+    ref, q, x = make('conv2d_stride_pad', channels_last, dtype=torch.bfloat16)
+    want = grads(ref, [x])
+    with settings('L3'):
+        assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['weight'])
+        assert grads(q, [x])['weight'].dtype == torch.bfloat16
+
+
+def test_autocast_bf16_compresses_the_bf16_activation(monkeypatch):
+    ref, q, x = make('conv2d_stride_pad')
+    seen = []
+    quantize = saved.quantize
+    monkeypatch.setattr(saved, 'quantize', lambda t, *a, **k: seen.append(t.dtype) or
+                        quantize(t, *a, **k))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        want = grads(ref, [x])
+        with settings('L0'):
+            exact = grads(q, [x])
+        assert not seen
+        with settings('L2', activation_compression_bits=[8]):
+            close = grads(q, [x])
+        assert seen == [torch.bfloat16]
+        with settings('L3'):
+            assert_unbiased(lambda: grads(q, [x]), want, k=48, keys=['weight'])
+    assert want['out'].dtype == torch.bfloat16 and want['weight'].dtype == torch.float32
+    assert_close_grads(exact, want, rtol=1e-6)
+    assert_close_grads(close, want, rtol=3e-2)
+
+
+def test_transposed_output_size():
+    ref, q, x = make('convt2d_outpad_groups')
+    with settings('L0'):
+        for size in ([10, 10], [9, 10], [3, 6, 9, 9]):
+            got = grads(q, [x], output_size=size)
+            want = grads(ref, [x], output_size=size)
+            assert_close_grads(got, want, rtol=1e-6)
+        with pytest.raises(ValueError, match='output size'):
+            grads(q, [x], output_size=[20, 20])
+
+
+@pytest.mark.parametrize('case', ['conv2d_stride_pad', 'convt1d'])
+def test_unbatched_input(case):
+    ref, q, x = make(case)
+    with settings('L2', activation_compression_bits=[8]):
+        got = grads(q, [x[0]])
+    assert_close_grads(got, grads(ref, [x[0]]), rtol=2e-2)
+
+
+def _spy(monkeypatch):
+    calls = []
+    quantize = saved.quantize
+    monkeypatch.setattr(saved, 'quantize', lambda *a, **k: calls.append(1) or quantize(*a, **k))
+    return calls
+
+
+def test_no_compression_when_autograd_needs_no_input(monkeypatch):
+    calls = _spy(monkeypatch)
+    ref, q, x = make('conv2d_stride_pad')
+    with settings('L3'):
+        with torch.no_grad():
+            assert torch.equal(q(x), ref(x))
+        q.requires_grad_(False)  # frozen layer, input needs grad: only the weight is kept
+        got = grads(q, [x])
+        assert not calls
+        assert q.actnn_saved_bytes == 0
+        q.weight.requires_grad_(True)  # first layer: input needs no grad, weight does
+        grads(q, [x.detach()])
+        assert calls
+    ref.requires_grad_(False)
+    assert_close_grads(got, grads(ref, [x]), rtol=1e-6)
+
+
+def test_saved_bytes_recorded_at_2_bits():
+    _, q, x = make('conv2d_stride_pad')
+    with settings('L3'):
+        q(x.requires_grad_())
+    assert q.actnn_full_bytes == x.nbytes
+    assert q.actnn_full_bytes / q.actnn_saved_bytes > 5  # tiny tensor: per-sample overheads
+
+
+def test_inplace_change_after_forward_is_harmless_when_compressed():
+    ref, q, x = make('conv2d_stride_pad')
+    want = grads(ref, [x])
+    with settings('L2', activation_compression_bits=[8]):
+        xin = x.clone().requires_grad_()
+        act = xin * 1
+        out = q(act)
+        act.mul_(0)  # autograd would refuse this for a full-precision saved input
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+    assert_close_grads({'weight': q.weight.grad}, {'weight': want['weight']}, rtol=2e-2)
