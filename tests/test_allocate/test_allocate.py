@@ -1,0 +1,80 @@
+"""The greedy bit allocation and the per-group range term."""
+import itertools
+
+import pytest
+import torch
+
+from actnn_mm.allocate import BITS, allocate, group_range_sq_sum
+
+
+def _variance(sensitivity, bits):
+    return float((sensitivity / (2.0**bits - 1) ** 2).sum())
+
+
+def _average(bits, cost):
+    return float((bits.double() * cost).sum() / cost.sum())
+
+
+@pytest.mark.parametrize('k', [1, 2, 7, 64, 1000])
+@pytest.mark.parametrize('budget', [1.0, 1.5, 2.0, 2.4, 4.0, 8.0])
+def test_budget_holds(k, budget):
+    g = torch.Generator().manual_seed(k)
+    sensitivity = torch.rand(k, generator=g) ** 4 * 100
+    cost = torch.randint(1, 1000, (k,), generator=g).double()
+    bits = allocate(sensitivity, cost, budget)
+    assert set(bits.tolist()) <= set(BITS)
+    assert _average(bits, cost) <= budget + 1e-9
+
+
+def test_full_budget_gives_every_item_eight_bits():
+    assert allocate(torch.rand(10), torch.ones(10), 8.0).tolist() == [8] * 10
+
+
+def test_minimum_budget_gives_one_bit():
+    assert allocate(torch.rand(10), torch.ones(10), 1.0).tolist() == [1] * 10
+
+
+def test_budget_below_one_bit_raises():
+    with pytest.raises(ValueError, match='at least 1'):
+        allocate(torch.rand(3), torch.ones(3), 0.5)
+
+
+def test_more_sensitive_items_get_at_least_as_many_bits():
+    sensitivity = torch.logspace(-3, 3, 50)
+    bits = allocate(sensitivity, torch.ones(50), 2.0)
+    assert torch.all(bits[1:] >= bits[:-1])
+    assert bits[0] == 1 and bits[-1] >= 4
+
+
+def test_better_than_uniform_and_close_to_optimal():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sensitivity = torch.rand(5, generator=g) ** 3
+        cost = torch.ones(5)
+        bits = allocate(sensitivity, cost, 2.0)
+        uniform = torch.full((5,), 2)
+        assert _variance(sensitivity, bits) <= _variance(sensitivity, uniform) + 1e-12
+        best = min(_variance(sensitivity, torch.tensor(c)) for c in itertools.product(BITS, repeat=5)
+                   if sum(c) <= 10)
+        assert _variance(sensitivity, bits) <= 1.5 * best + 1e-12
+
+
+def test_deterministic_and_zero_sensitivity_safe():
+    sensitivity = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    a = allocate(sensitivity, torch.ones(4), 2.0)
+    assert torch.equal(a, allocate(sensitivity, torch.ones(4), 2.0))
+    # 8 bits for the one sensitive item would cost 7 of the 4 spare bits: it gets 4, and the
+    # spare bit goes to another item.
+    assert a.tolist() == [2, 1, 4, 1]
+
+
+def test_group_range_term():
+    x = torch.zeros(2, 300)
+    x[0, :256] = torch.linspace(0, 2, 256)   # one group of range 2, the tail group constant
+    x[1, 256:] = torch.linspace(-1, 1, 44)   # only the short last group has a range
+    got = group_range_sq_sum(x, 256)
+    assert torch.allclose(got, torch.tensor([4.0 * 256, 4.0 * 256], dtype=torch.float64))
+    cl = torch.randn(3, 8, 5, 7).to(memory_format=torch.channels_last)
+    assert torch.allclose(group_range_sq_sum(cl, 64), group_range_sq_sum(
+        cl.permute(0, 2, 3, 1).contiguous(), 64))
+    assert group_range_sq_sum(torch.randn(0, 5), 8).shape == (0,)
