@@ -7,14 +7,19 @@ Usage, as in ActNN::
     model = actnn_mm.QModule(model)
 """
 from . import compress
+from .allocate import set_sample_indices
 from .config import config, set_optimization_level
 from .convert import QModule, convert, revert
-from .layers import (QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
-                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QDropout, QLinear,
-                     QMaxPool2d, QReLU, QSyncBatchNorm)
+from .generic import compress_saved_tensors, report_uncompressed
+from .layers import (QGELU, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
+                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QDropout, QGroupNorm,
+                     QLayerNorm, QLinear, QMaxPool2d, QReLU, QSiLU, QSyncBatchNorm)
+from .stats import stats
 
 __version__ = '0.1.0'
 __all__ = ['compress', 'config', 'set_optimization_level', 'QModule', 'convert', 'revert',
+           'set_sample_indices', 'stats', 'compress_saved_tensors', 'report_uncompressed',
            'QConv1d', 'QConv2d', 'QConv3d', 'QConvTranspose1d', 'QConvTranspose2d',
            'QConvTranspose3d', 'QLinear', 'QBatchNorm1d', 'QBatchNorm2d', 'QBatchNorm3d',
-           'QSyncBatchNorm', 'QReLU', 'QDropout', 'QMaxPool2d']
+           'QSyncBatchNorm', 'QGroupNorm', 'QLayerNorm', 'QReLU', 'QGELU', 'QSiLU', 'QDropout',
+           'QMaxPool2d']

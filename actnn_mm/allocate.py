@@ -1,11 +1,18 @@
 """Adaptive mixed precision (ActNN's L3): bits per sample and per layer under an average budget.
 
-Quantizing the activation of sample ``n`` at layer ``l`` to ``b`` bits adds a gradient variance of
-about ``C[l, n] / (2^b - 1)^2``, where the sensitivity ``C[l, n]`` is the sum of the squared group
-ranges of that activation (the quantization step is range / (2^b - 1)) times the squared
-magnitude of the gradient flowing back into that layer for that sample. The allocator chooses
-``b`` in {1, 2, 4, 8} to minimise the summed variance while the element-weighted average stays at
-or below the budget (``config.activation_compression_bits[0]``):
+Adaptive layers are those whose saved input only enters their weight gradient (convolutions
+and linear layers: ``grad_W = sum grad_out x^T``). Quantizing that input for sample ``n`` at layer
+``l`` to ``b`` bits adds noise of variance ``range^2 / (4 (2^b - 1)^2)`` per value, which reaches
+the weight gradient as about ``C[l, n] / (2^b - 1)^2`` with the sensitivity
+
+    C[l, n] = |grad of the layer's output for sample n|^2 * fan_in * mean over groups of range^2
+
+(``fan_in`` = weights per output channel: each output gradient meets that many input values).
+Other layers (normalization, whose saved input also shapes the input gradient and so reaches
+every earlier layer, which this model does not capture) keep the budget as their average and
+only share it among their samples. The allocator chooses ``b`` in {1, 2, 4, 8} to minimise the
+summed variance while the element-weighted average stays at or below the budget
+(``config.activation_compression_bits[0]``):
 
 * at forward time, per layer: the samples of the batch share the layer's budget (ranges are
   measured then; gradient magnitudes come from earlier steps);
@@ -17,9 +24,12 @@ dataset index when the loader tells which samples are in the batch
 (:func:`set_sample_indices`), else a running average of the batch's mean per layer.
 """
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .compress.codec import samples_view
+from .config import config
 
 BITS = (1, 2, 4, 8)
 _VARIANCE = torch.tensor([1.0 / (2**b - 1)**2 for b in BITS], dtype=torch.float64)
@@ -72,12 +82,10 @@ def allocate(sensitivity: torch.Tensor, cost: torch.Tensor, budget: float) -> to
     return torch.tensor(BITS, dtype=torch.int64)[torch.tensor(stage_list, dtype=torch.int64)]
 
 
-def group_range_sq_sum(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per sample of ``x`` (dim 0), the sum over its groups of the squared group range times the
-    group size: the scale of its quantization noise. Groups follow the codec's memory order."""
-    from .compress.codec import _samples_view
-
-    samples, _ = _samples_view(x.detach())
+def mean_square_range(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per sample of ``x`` (dim 0), the mean over its groups of the squared group range: the
+    scale of its quantization noise per value. Groups follow the codec's memory order."""
+    samples, _ = samples_view(x.detach())
     n, m = samples.shape
     if n * m == 0:
         return torch.zeros(n, dtype=torch.float64)
@@ -86,21 +94,20 @@ def group_range_sq_sum(x: torch.Tensor, group_size: int) -> torch.Tensor:
     if pad:  # repeat the last value: the padded group's range is unchanged
         values = torch.cat([values, values[:, -1:].expand(n, pad)], dim=1)
     lo, hi = values.view(n, -1, group_size).aminmax(dim=2)
-    return ((hi - lo).double().pow(2).sum(dim=1) * group_size).cpu()
+    return (hi - lo).double().pow(2).mean(dim=1).cpu()
 
 
 @dataclasses.dataclass
 class _LayerState:
     """What the allocator knows of one layer."""
 
-    name: str
-    budget: Optional[float] = None     # the layer's share of the average bits (None: not set yet)
+    across_layers: bool = True         # whether its share of the budget is re-balanced
+    budget: Optional[float] = None     # its share of the average bits (None: not set yet)
     grad_sq: Optional[float] = None    # running mean over samples of |grad of its output|^2
-    # the current step: per-sample range term, elements per sample, bits given
-    ranges: Optional[torch.Tensor] = None
-    elements: int = 0
-    bits: Optional[torch.Tensor] = None
-    # per-sample |grad|^2 relative to the batch mean, summed over the backward calls of the step
+    # this step: (per-sample range term, elements per sample) of each call (a head shared across
+    # feature levels is called several times per step)
+    calls: List[Tuple[torch.Tensor, int]] = dataclasses.field(default_factory=list)
+    # this step: per-sample |grad|^2 relative to the batch mean, summed over backward calls
     relative_grad: Optional[torch.Tensor] = None
 
 
@@ -108,20 +115,20 @@ class Allocator:
     """Per-sample and per-layer bit allocation (see the module docstring).
 
     Args:
-        momentum: weight of the past in the running means of gradient magnitudes.
+        momentum: weight of the past in the running mean of each layer's gradient magnitude.
     """
 
     def __init__(self, momentum: float = 0.9) -> None:
         self.momentum = momentum
         self.layers: Dict[int, _LayerState] = {}
         self.sample_indices: Optional[torch.Tensor] = None
-        self.sample_scale = torch.ones(0)       # per dataset index: |grad|^2 relative to the batch
+        # per dataset index: its gradient magnitude relative to its batch, and whether known
+        self.sample_scale = torch.ones(0, dtype=torch.float64)
         self.sample_seen = torch.zeros(0, dtype=torch.bool)
         self._step_indices: Optional[torch.Tensor] = None
-        self._in_step = False
 
     def reset(self) -> None:
-        """Forget everything (e.g. between unrelated models)."""
+        """Forget all layers and samples (e.g. before training another model)."""
         self.__init__(self.momentum)
 
     def set_sample_indices(self, indices: Optional[Sequence[int]]) -> None:
@@ -129,84 +136,102 @@ class Allocator:
         self.sample_indices = (None if indices is None else
                                torch.as_tensor(indices, dtype=torch.int64).flatten().cpu())
 
-    def _layer(self, module: torch.nn.Module) -> _LayerState:
-        state = self.layers.get(id(module))
-        if state is None:
-            state = self.layers[id(module)] = _LayerState(name=type(module).__name__)
-        return state
-
     def _sample_factor(self, n: int) -> torch.Tensor:
         """Each sample's gradient magnitude relative to its batch (1 where unknown)."""
+        factor = torch.ones(n, dtype=torch.float64)
         indices = self._step_indices
         if indices is None or indices.numel() != n:
-            return torch.ones(n, dtype=torch.float64)
-        factor = torch.ones(n, dtype=torch.float64)
+            return factor
         known = indices < self.sample_seen.numel()
         known[known.clone()] = self.sample_seen[indices[known]]
-        factor[known] = self.sample_scale[indices[known]].double()
+        factor[known] = self.sample_scale[indices[known]]
         return factor
 
     def begin_step(self) -> None:
-        """Called when a training forward pass starts: re-balance layers after the last step."""
-        if self._in_step:
-            self._rebalance()
-        self._in_step = True
+        """A training forward pass starts: learn from the step just done, re-balance layers."""
+        self._learn_sample_scales()
+        self._rebalance()
         self._step_indices = self.sample_indices
         for state in self.layers.values():
-            state.ranges = state.bits = state.relative_grad = None
+            state.calls, state.relative_grad = [], None
 
     def bits_for(self, module: torch.nn.Module, x: torch.Tensor, budget: float,
-                 group_size: int) -> torch.Tensor:
-        """Per-sample bits for activation ``x`` of ``module`` (dim 0 = samples)."""
-        state = self._layer(module)
+                 group_size: int, across_layers: bool) -> torch.Tensor:
+        """Per-sample bits for the activation ``x`` (dim 0 = samples) that ``module`` keeps.
+
+        Args:
+            module: the layer.
+            x: its activation.
+            budget: the average bits, also for layers the allocator knows nothing of yet.
+            group_size: the codec's group size.
+            across_layers: whether the layer's share of the budget is re-balanced against other
+                layers (convolution and linear inputs), or stays ``budget``.
+        """
+        state = self.layers.setdefault(id(module), _LayerState(across_layers=across_layers))
         n = x.shape[0] if x.dim() else 1
-        ranges = group_range_sq_sum(x, group_size)
-        sensitivity = ranges * self._sample_factor(n) * (state.grad_sq or 1.0)
+        if self._step_indices is None:  # indices given before the first step's forward
+            self._step_indices = self.sample_indices
+        weight = getattr(module, 'weight', None)
+        fan_in = weight[0].numel() if across_layers and weight is not None else 1
+        ranges = mean_square_range(x, group_size) * fan_in
         elements = x.numel() // max(n, 1)
-        layer_budget = budget if state.budget is None else min(state.budget, 8.0)
-        bits = allocate(sensitivity, torch.full((n,), float(elements)), layer_budget)
-        state.ranges, state.elements, state.bits = ranges, elements, bits
-        return bits
+        state.calls.append((ranges, elements))
+        sensitivity = ranges * self._sample_factor(n) * (state.grad_sq or 1.0)
+        layer_budget = budget if state.budget is None else state.budget
+        return allocate(sensitivity, torch.full((n,), float(elements)), layer_budget)
 
     def observe_grad(self, module: torch.nn.Module, grad: torch.Tensor) -> None:
         """Record the gradient flowing back into ``module``'s output (dim 0 = samples)."""
         state = self.layers.get(id(module))
-        if state is None or grad is None or grad.dim() == 0:
+        if state is None or grad.dim() == 0:
             return
         per_sample = grad.detach().float().pow(2).flatten(1).sum(1).double().cpu()
         mean = float(per_sample.mean()) if per_sample.numel() else 0.0
         state.grad_sq = mean if state.grad_sq is None else (
             self.momentum * state.grad_sq + (1 - self.momentum) * mean)
         relative = per_sample / mean if mean > 0 else torch.ones_like(per_sample)
-        state.relative_grad = relative if state.relative_grad is None or \
-            state.relative_grad.shape != relative.shape else state.relative_grad + relative
+        if state.relative_grad is not None and state.relative_grad.shape == relative.shape:
+            relative = relative + state.relative_grad
+        state.relative_grad = relative
+
+    def _learn_sample_scales(self) -> None:
+        """Remember each sample's gradient magnitude, relative to its batch, by dataset index."""
+        indices = self._step_indices
+        relatives = [s.relative_grad for s in self.layers.values() if s.relative_grad is not None]
+        if indices is None or not relatives or any(r.numel() != indices.numel()
+                                                    for r in relatives):
+            return
+        scale = torch.stack([r / r.mean().clamp_min(1e-30) for r in relatives]).mean(0)
+        size = int(indices.max()) + 1
+        if size > self.sample_scale.numel():
+            grow = size - self.sample_scale.numel()
+            self.sample_scale = torch.cat([self.sample_scale, torch.ones(grow, dtype=torch.float64)])
+            self.sample_seen = torch.cat([self.sample_seen, torch.zeros(grow, dtype=torch.bool)])
+        self.sample_scale[indices] = scale
+        self.sample_seen[indices] = True
 
     def _rebalance(self) -> None:
-        """Split the budget across layers from the step just done; update per-sample scales."""
-        done = [s for s in self.layers.values() if s.ranges is not None and s.ranges.numel()]
-        if not done:
+        """Split the average bits across layers by the sensitivities of the step just done."""
+        items = [(state, ranges, elements) for state in self.layers.values() if state.across_layers
+                 for ranges, elements in state.calls if ranges.numel()]
+        if not items:
             return
-        indices = self._step_indices
-        relatives = [s.relative_grad for s in done if s.relative_grad is not None]
-        if indices is not None and relatives and all(r.numel() == indices.numel() for r in relatives):
-            scale = torch.stack([r / r.mean().clamp_min(1e-30) for r in relatives]).mean(0)
-            size = int(indices.max()) + 1
-            if size > self.sample_scale.numel():
-                grow = size - self.sample_scale.numel()
-                self.sample_scale = torch.cat([self.sample_scale, torch.ones(grow)])
-                self.sample_seen = torch.cat([self.sample_seen, torch.zeros(grow, dtype=torch.bool)])
-            self.sample_scale[indices] = scale.float()
-            self.sample_seen[indices] = True
-        sensitivity = torch.cat([s.ranges * (s.grad_sq or 1.0) * self._sample_factor(s.ranges.numel())
-                                 for s in done])
-        cost = torch.cat([torch.full((s.ranges.numel(),), float(s.elements)) for s in done])
-        from .config import config
-        bits = allocate(sensitivity, cost, float(config.bits))
+        sensitivity = torch.cat([ranges * self._sample_factor(ranges.numel()) *
+                                 (state.grad_sq or 1.0) for state, ranges, _ in items])
+        cost = torch.cat([torch.full((ranges.numel(),), float(elements))
+                          for _, ranges, elements in items])
+        bits = allocate(sensitivity, cost, float(config.bits)).double()
+        spent: Dict[int, List[float]] = {}
         start = 0
-        for s in done:
-            n = s.ranges.numel()
-            s.budget = float(bits[start:start + n].double().mean())
+        for state, ranges, elements in items:
+            n = ranges.numel()
+            spent.setdefault(id(state), [0.0, 0.0])
+            spent[id(state)][0] += float(bits[start:start + n].sum()) * elements
+            spent[id(state)][1] += n * elements
             start += n
+        for state, _, _ in items:
+            bits_spent, layer_elements = spent[id(state)]
+            state.budget = bits_spent / layer_elements
 
 
 allocator = Allocator()

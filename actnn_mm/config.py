@@ -6,9 +6,9 @@
 level  meaning
 ====== ========================================================================================
 L0     no compression: :func:`actnn_mm.QModule` converts nothing, layers keep full precision
-L1     4-bit per-group compression of the conv layers only
+L1     4-bit per-group compression of the conv layers only (plus lossless ReLU/Dropout/MaxPool)
 L2     4-bit per-group compression of all layers
-L3     2-bit compression of all layers (uniform until adaptive allocation lands)
+L3     2 bits on average, mixed precision per sample and per layer (:mod:`actnn_mm.allocate`)
 L4     L3 + compressed activations swapped to pinned CPU memory when they live on CUDA
 L5     L4 + the CUDA caching allocator's ``expandable_segments`` (against fragmentation)
 ====== ========================================================================================
@@ -30,6 +30,9 @@ logger = logging.getLogger('actnn_mm')
 
 LEVELS = ('L0', 'L1', 'L2', 'L3', 'L4', 'L5')
 COMPRESSED_LAYERS = ('none', 'conv', 'all')
+# Families whose layers keep an exact 1-bit mask or compact indices: converting them loses nothing,
+# so L1 converts them too (else a ReLU would keep the full tensor that its conv compresses).
+LOSSLESS_FAMILIES = ('relu', 'dropout', 'pool')
 _ALLOC_CONF_VARS = ('PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF')
 _EXPANDABLE = 'expandable_segments:True'
 
@@ -46,10 +49,12 @@ class Config:
         group_size: values per quantization group (a positive multiple of 8).
         stochastic: stochastic (unbiased) rounding; False rounds to nearest (biased gradients).
         compressed_layers: which layer families compress their saved activations and which
-            :func:`actnn_mm.QModule` converts: 'none' (L0), 'conv' (L1: convolutions only) or
+            :func:`actnn_mm.QModule` converts: 'none' (L0), 'conv' (L1: convolutions, and the lossless ReLU,
+            Dropout and MaxPool2d) or
             'all'. ReLU, Dropout and MaxPool2d keep lossless 1-bit masks / compact indices.
-        adaptive: per-sample, per-layer mixed precision (ActNN's L3); not available yet, must be
-            False.
+        adaptive: per-sample, per-layer mixed precision (ActNN's L3): the allocator chooses 1, 2,
+            4 or 8 bits per sample and layer with ``activation_compression_bits[0]`` as the
+            element-weighted average.
         swap: move compressed activations of CUDA tensors to pinned CPU memory until backward.
         expandable_segments: enable the CUDA caching allocator's expandable segments (set when
             True is assigned; effective only if CUDA is not initialised yet).
@@ -60,7 +65,7 @@ class Config:
     group_size: int = 256
     stochastic: bool = True
     compressed_layers: str = 'all'
-    adaptive: bool = False
+    adaptive: bool = True
     swap: bool = False
     expandable_segments: bool = False
 
@@ -82,9 +87,10 @@ class Config:
         return self.activation_compression_bits[0]
 
     def compresses(self, family: str) -> bool:
-        """Whether layers of ``family`` ('conv' or another family name) quantize what they save."""
+        """Whether layers of ``family`` ('conv' or another family name) are converted and
+        compress what they save (lossless masks and indices for the families that allow it)."""
         return self.compressed_layers == 'all' or (self.compressed_layers == 'conv'
-                                                   and family == 'conv')
+                                                   and family in ('conv',) + LOSSLESS_FAMILIES)
 
 
 def _flag(name: str) -> Callable[[Any], bool]:
@@ -119,13 +125,6 @@ def _group_size(value: Any) -> int:
     return value
 
 
-def _adaptive(value: Any) -> bool:
-    if _flag('adaptive')(value):
-        raise ValueError('actnn_mm.config.adaptive: adaptive mixed-precision allocation is not '
-                         'available yet; L3 runs at uniform bits')
-    return value
-
-
 def _level(value: Any) -> str:
     if value not in LEVELS:
         raise ValueError(f'actnn_mm: unknown optimization level {value!r}; valid levels: '
@@ -139,24 +138,24 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     'group_size': _group_size,
     'stochastic': _flag('stochastic'),
     'compressed_layers': _choice('compressed_layers', COMPRESSED_LAYERS),
-    'adaptive': _adaptive,
+    'adaptive': _flag('adaptive'),
     'swap': _flag('swap'),
     'expandable_segments': _flag('expandable_segments'),
 }
 
 _LEVEL_SETTINGS: Dict[str, Dict[str, Any]] = {
-    'L0': dict(compressed_layers='none', activation_compression_bits=[8], swap=False,
-               expandable_segments=False),
-    'L1': dict(compressed_layers='conv', activation_compression_bits=[4], swap=False,
-               expandable_segments=False),
-    'L2': dict(compressed_layers='all', activation_compression_bits=[4], swap=False,
-               expandable_segments=False),
-    'L3': dict(compressed_layers='all', activation_compression_bits=[2], swap=False,
-               expandable_segments=False),
-    'L4': dict(compressed_layers='all', activation_compression_bits=[2], swap=True,
-               expandable_segments=False),
-    'L5': dict(compressed_layers='all', activation_compression_bits=[2], swap=True,
-               expandable_segments=True),
+    'L0': dict(compressed_layers='none', activation_compression_bits=[8], adaptive=False,
+               swap=False, expandable_segments=False),
+    'L1': dict(compressed_layers='conv', activation_compression_bits=[4], adaptive=False,
+               swap=False, expandable_segments=False),
+    'L2': dict(compressed_layers='all', activation_compression_bits=[4], adaptive=False,
+               swap=False, expandable_segments=False),
+    'L3': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
+               swap=False, expandable_segments=False),
+    'L4': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
+               swap=True, expandable_segments=False),
+    'L5': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
+               swap=True, expandable_segments=True),
 }
 
 config = Config()

@@ -10,13 +10,13 @@ from actnn_mm import config
 from actnn_mm.config import LEVELS, Config
 from test_layers.qchecks import settings
 
-EXPECTED = {  # level: (compressed_layers, bits, swap, expandable_segments)
-    'L0': ('none', 8, False, False),
-    'L1': ('conv', 4, False, False),
-    'L2': ('all', 4, False, False),
-    'L3': ('all', 2, False, False),
-    'L4': ('all', 2, True, False),
-    'L5': ('all', 2, True, True),
+EXPECTED = {  # level: (compressed_layers, bits, adaptive, swap, expandable_segments)
+    'L0': ('none', 8, False, False, False),
+    'L1': ('conv', 4, False, False, False),
+    'L2': ('all', 4, False, False, False),
+    'L3': ('all', 2, True, False, False),
+    'L4': ('all', 2, True, True, False),
+    'L5': ('all', 2, True, True, True),
 }
 
 
@@ -32,17 +32,19 @@ def alloc_env(monkeypatch):
 def test_levels_set_every_knob(level, alloc_env):
     with settings('L0'):
         actnn_mm.set_optimization_level(level)
-        got = (config.compressed_layers, config.bits, config.swap, config.expandable_segments)
+        got = (config.compressed_layers, config.bits, config.adaptive, config.swap,
+               config.expandable_segments)
         assert config.level == level
         assert got == EXPECTED[level]
         assert config.activation_compression_bits == [EXPECTED[level][1]]
-        assert config.group_size == 256 and config.stochastic and not config.adaptive
+        assert config.group_size == 256 and config.stochastic
 
 
 def test_default_is_l3():
     fresh = Config()
     assert fresh.level == 'L3'
-    assert (fresh.compressed_layers, fresh.bits, fresh.swap) == ('all', 2, False)
+    assert (fresh.compressed_layers, fresh.bits, fresh.adaptive, fresh.swap) == ('all', 2, True,
+                                                                                False)
 
 
 @pytest.mark.parametrize('bad', ['L6', 'l3', 3, None, 'O1', ['L3']])
@@ -79,7 +81,7 @@ def test_compresses_by_family():
     ('stochastic', 1, TypeError),
     ('swap', 'yes', TypeError),
     ('compressed_layers', 'bn', ValueError),
-    ('adaptive', True, ValueError),
+    ('adaptive', 1, TypeError),
     ('bitz', 2, AttributeError),
 ])
 def test_bad_values_are_refused(name, value, error):
@@ -87,7 +89,7 @@ def test_bad_values_are_refused(name, value, error):
         with pytest.raises(error):
             setattr(config, name, value)
         assert (config.bits, config.group_size, config.stochastic, config.swap,
-                config.compressed_layers, config.adaptive) == (2, 256, True, False, 'all', False)
+                config.compressed_layers, config.adaptive) == (2, 256, True, False, 'all', True)
 
 
 def test_knobs_can_be_set_one_by_one():

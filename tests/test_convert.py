@@ -30,7 +30,7 @@ def net(sync_bn=True):
         nn.MaxPool2d(2), nn.Dropout(0.0), nn.Identity(),
         nn.ConvTranspose2d(8, 8, 2, stride=2, bias=False),
         nn.SyncBatchNorm(8) if sync_bn else nn.BatchNorm2d(8), nn.ReLU(),
-        WSConv2d(8, 4, 3), nn.GroupNorm(2, 4), nn.MaxPool2d(2, return_indices=False),
+        WSConv2d(8, 4, 3), nn.PReLU(4), nn.MaxPool2d(2, return_indices=False),
         nn.Flatten(), nn.Linear(4 * 5 * 5, 5))
 
 
@@ -47,7 +47,7 @@ def test_converts_in_place_keeping_parameters_buffers_and_keys():
     assert type(model[3]) is actnn_mm.QMaxPool2d and type(model[4]) is actnn_mm.QDropout
     assert type(model[6]) is actnn_mm.QConvTranspose2d
     assert type(model[7]) is actnn_mm.QSyncBatchNorm and type(model[13]) is actnn_mm.QLinear
-    assert type(model[9]) is WSConv2d and type(model[10]) is nn.GroupNorm
+    assert type(model[9]) is WSConv2d and type(model[10]) is nn.PReLU
     assert all(p is params[n] for n, p in model.named_parameters())
     assert all(b is buffers[n] for n, b in model.named_buffers())
     assert list(model.state_dict()) == keys
@@ -55,9 +55,9 @@ def test_converts_in_place_keeping_parameters_buffers_and_keys():
                                  'Dropout': 1, 'ConvTranspose2d': 1, 'SyncBatchNorm': 1,
                                  'Linear': 1}
     reasons = {cls: reason for _, cls, reason in summary.skipped}
-    assert reasons.keys() == {'WSConv2d', 'GroupNorm'}
+    assert reasons.keys() == {'WSConv2d', 'PReLU'}
     assert 'subclass of Conv2d' in reasons['WSConv2d']
-    assert 'no ActNN layer' in reasons['GroupNorm']
+    assert 'no ActNN layer' in reasons['PReLU']
 
 
 def test_outputs_and_gradients_match_at_8_bits_and_revert_restores():
@@ -83,7 +83,7 @@ def test_outputs_and_gradients_match_at_8_bits_and_revert_restores():
 
 @pytest.mark.parametrize('level,converted', [
     ('L0', set()),
-    ('L1', {'Conv2d', 'ConvTranspose2d'}),
+    ('L1', {'Conv2d', 'ConvTranspose2d', 'ReLU', 'MaxPool2d', 'Dropout'}),  # + lossless ones
     ('L2', {'Conv2d', 'ConvTranspose2d', 'BatchNorm2d', 'SyncBatchNorm', 'ReLU', 'MaxPool2d',
             'Dropout', 'Linear'}),
 ])
@@ -212,9 +212,9 @@ def test_converted_sync_bn_is_accepted_by_cpu_ddp(tmp_path):
 
 
 def test_summary_text_groups_skips():
-    model = nn.Sequential(*[nn.LayerNorm(4) for _ in range(5)], nn.Linear(4, 4))
+    model = nn.Sequential(*[nn.PReLU() for _ in range(5)], nn.Linear(4, 4))
     with settings('L3'):
         _, summary = convert(model)
     text = str(summary)
     assert 'converted 1 Linear' in text
-    assert 'skipped 5 LayerNorm (0, 1, 2, ...): no ActNN layer' in text
+    assert 'skipped 5 PReLU (0, 1, 2, ...): no ActNN layer' in text

@@ -2,23 +2,32 @@
 
     python tools/benchmark.py codec  [--shape 64 64 56 56]
     python tools/benchmark.py memory [--batch 16 --image-size 224 --methods FP32 AMP CP L1 L2 L3 L4]
+    python tools/benchmark.py maxbatch [--budget 512 --image-size 64 --methods FP32 AMP CP L3]
 
-Results are printed as a table and saved as JSON under work_dirs/bench/.
+Results are printed as a table and saved as JSON (maxbatch also a PNG plot) under work_dirs/bench/.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Dict, List
+import types
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from actnn_mm.compress import dequantize, extension_loaded, quantize, reference
-from actnn_mm.compress.codec import _samples_view
+from actnn_mm.compress.codec import samples_view
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OUT_DIR = os.path.join('work_dirs', 'bench')
 
@@ -54,7 +63,7 @@ def codec(args: argparse.Namespace) -> Dict:
     rows: List[Dict] = []
     for bits in (1, 2, 4, 8):
         c = quantize(x, bits)
-        samples, _ = _samples_view(x)
+        samples, _ = samples_view(x)
         n, m = samples.shape
         ref_args = (c.bits, c.offsets, c.group_size, 0, True, c.data.numel())
         timings = {
@@ -126,22 +135,43 @@ class _SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
 METHODS = ('FP32', 'AMP', 'CP', 'L0', 'L1', 'L2', 'L3', 'L4', 'L5')
 
 
-def memory_probe(args: argparse.Namespace) -> None:
-    """One method in a fresh process: activation bytes after forward, and step time (JSON out)."""
-    import actnn_mm
-    from actnn_mm.layers.saved import held_bytes
+@dataclasses.dataclass
+class _Training:
+    """A ResNet-50 set up to train with one method on one random batch.
 
+    Attributes:
+        model: the model (converted for the L levels, ``with_cp=True`` for CP).
+        optimizer: SGD with momentum over its parameters.
+        forward: computes the loss of the batch (under autocast for AMP).
+        step: one training step (zero grads, forward, backward, optimizer step).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[], torch.Tensor]
+    step: Callable[[], None]
+
+
+def _training(method: str, batch: int, image_size: int, device: torch.device) -> _Training:
+    """Build the model, optimizer, batch and step of ``method`` (one of :data:`METHODS`).
+
+    AMP autocasts to bfloat16 on the CPU and float16 on CUDA; the level is set before the model
+    touches the device, so L5's allocator setting takes effect.
+    """
+    import actnn_mm
+
+    if method.startswith('L'):
+        actnn_mm.set_optimization_level(method)
     torch.manual_seed(0)
-    model = _resnet50(with_cp=args.method == 'CP')
+    model = _resnet50(with_cp=method == 'CP').to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if args.method.startswith('L'):
-        actnn_mm.set_optimization_level(args.method)
+    if method.startswith('L'):
         actnn_mm.QModule(model)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 1000, (args.batch,))
-    device_type = 'cpu'
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.method == 'AMP')
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, enabled=method == 'AMP',
+                              dtype=torch.bfloat16 if device.type == 'cpu' else torch.float16)
 
     def forward() -> torch.Tensor:
         with autocast:
@@ -152,19 +182,28 @@ def memory_probe(args: argparse.Namespace) -> None:
         forward().backward()
         optimizer.step()
 
-    step()  # gradients and optimizer state exist from here on
+    return _Training(model, optimizer, forward, step)
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """One method in a fresh process: activation bytes after forward, and step time (JSON out)."""
+    from actnn_mm.layers.saved import held_bytes
+
+    run = _training(args.method, args.batch, args.image_size, torch.device('cpu'))
+    run.step()  # gradients and optimizer state exist from here on
     gc.collect()
     before_rss, before_held = _rss_bytes(), held_bytes()
-    counter = _SavedTensorCounter(list(model.parameters()))
+    counter = _SavedTensorCounter(list(run.model.parameters()))
     with counter:
-        loss = forward()
+        loss = run.forward()
     after_rss = _rss_bytes()
     counted = counter.nbytes + held_bytes() - before_held
     loss.backward()
-    optimizer.step()
+    run.optimizer.step()
     del loss
     print(json.dumps({'method': args.method, 'rss_bytes': after_rss - before_rss,
-                      'counted_bytes': counted, 'step_seconds': _median_seconds(step, args.steps)}))
+                      'counted_bytes': counted,
+                      'step_seconds': _median_seconds(run.step, args.steps)}))
 
 
 def memory(args: argparse.Namespace) -> Dict:
@@ -194,6 +233,202 @@ def memory(args: argparse.Namespace) -> Dict:
     return result
 
 
+def _pyplot() -> types.ModuleType:
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig: 'Figure', name: str) -> str:
+    """Save ``fig`` as ``work_dirs/bench/<name>.png``, close it, return the path."""
+    os.makedirs(OUT_DIR, exist_ok=True)
+    path = os.path.join(OUT_DIR, f'{name}.png')
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    _pyplot().close(fig)
+    return path
+
+
+def _device() -> torch.device:
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+class _TrainingMemory:
+    """Memory a training step takes above what is held when this is made, on one device.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated at the start. On the
+    CPU: the peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) above the resident
+    set at the start; run under ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave it at once.
+    On the CPU a thread also watches the resident set and calls ``over_budget`` (which should end
+    the process) as soon as it passes ``budget``, as a CUDA allocation would fail.
+    """
+
+    def __init__(self, device: torch.device, budget: int,
+                 over_budget: Callable[[int], None]) -> None:
+        self.device = device
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self.base = _rss_bytes()
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets the peak resident set
+
+        def watch() -> None:
+            while True:
+                used = _rss_bytes() - self.base
+                if used > budget:
+                    over_budget(used)
+                time.sleep(0.002)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    def peak(self) -> int:
+        """Peak bytes above the start so far."""
+        if self.device.type == 'cuda':
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        with open('/proc/self/status') as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+        return hwm_kib * 1024 - self.base
+
+
+def maxbatch_probe(args: argparse.Namespace) -> None:
+    """One method and batch size in a fresh process: 2 training steps, the second timed.
+
+    Prints one JSON line: the batch, whether the peak training memory (above the model, its
+    gradients, the optimizer state and the batch) passed the budget, that peak and images/s.
+    """
+    device = _device()
+    budget = args.budget * 2**20
+    run = _training(args.method, args.batch, args.image_size, device)
+    for p in run.model.parameters():
+        p.grad = torch.zeros_like(p)
+    run.optimizer.step()  # zero gradients: creates the momentum buffers, changes no weight
+
+    def report(peak: int, seconds: Optional[float] = None) -> None:
+        print(json.dumps({'batch': args.batch, 'oom': seconds is None or peak > budget,
+                          'peak_bytes': peak,
+                          'images_per_second': None if seconds is None
+                          else args.batch / seconds}), flush=True)
+
+    def over_budget(used: int) -> None:
+        report(used)
+        os._exit(0)
+
+    def step() -> None:
+        run.step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    memory = _TrainingMemory(device, budget, over_budget)
+    try:
+        seconds = _median_seconds(step, 1)  # a warm-up step, then a timed one
+    except torch.cuda.OutOfMemoryError:
+        seconds = None
+    report(memory.peak(), seconds)
+
+
+def _probe_batch(method: str, batch: int, args: argparse.Namespace) -> Dict:
+    """Run :func:`maxbatch_probe` in a subprocess; a probe killed by the kernel (SIGKILL, e.g.
+    its out-of-memory killer) counts as out of memory."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed memory leaves RSS at once
+    cmd = [sys.executable, __file__, '_maxbatch_probe', '--method', method, '--batch', str(batch),
+           '--image-size', str(args.image_size), '--budget', str(args.budget)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode == -signal.SIGKILL:
+        return {'batch': batch, 'oom': True, 'peak_bytes': None, 'images_per_second': None}
+    if proc.returncode:
+        raise RuntimeError(f'{method} at batch {batch} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _search_max_batch(method: str, args: argparse.Namespace) -> Dict:
+    """Largest batch of ``method`` within the budget: doubling from ``--start`` up to the first
+    out-of-memory size, then bisection until the gap is within ``--tolerance`` of the answer."""
+    tried: List[Dict] = []
+    fits, oom = 0, None
+    with tqdm(desc=f'{method:>4}', unit='probe', leave=False) as bar:
+        def probe(batch: int) -> bool:
+            bar.set_postfix(batch=batch)
+            tried.append(_probe_batch(method, batch, args))
+            bar.update()
+            return not tried[-1]['oom']
+
+        batch = args.start
+        while oom is None and batch <= args.max_batch:
+            if probe(batch):
+                fits, batch = batch, 2 * batch
+            else:
+                oom = batch
+        while oom is not None and oom - fits > max(1, int(args.tolerance * fits)):
+            batch = (fits + oom) // 2
+            if probe(batch):
+                fits = batch
+            else:
+                oom = batch
+    tried.sort(key=lambda r: r['batch'])
+    best = next((r for r in tried if r['batch'] == fits), None)
+    return {'method': method, 'max_batch': fits, 'first_oom': oom, 'tried': tried,
+            'images_per_second': best and best['images_per_second'],
+            'peak_bytes': best and best['peak_bytes']}
+
+
+def _plot_maxbatch(result: Dict) -> str:
+    """Throughput vs batch size per method: a dot at each size that fits, a circle at the
+    largest, an x at the first size out of memory (at the largest's throughput)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in result['rows']:
+        fits = [r for r in row['tried'] if not r['oom']]
+        line, = ax.plot([r['batch'] for r in fits], [r['images_per_second'] for r in fits],
+                        marker='.', label=f"{row['method']}: max {row['max_batch']}")
+        if fits:
+            ax.plot(row['max_batch'], row['images_per_second'], 'o', color=line.get_color())
+            if row['first_oom'] is not None:
+                ax.plot(row['first_oom'], row['images_per_second'], 'x', color=line.get_color(),
+                        markersize=9, markeredgewidth=2)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('batch size')
+    ax.set_ylabel('throughput (images/s)')
+    ax.set_title(f"ResNet-50 {result['image_size']}x{result['image_size']} on "
+                 f"{result['device']}, {result['budget_mib']} MiB training-memory budget "
+                 f"(x: out of memory)")
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, 'maxbatch')
+
+
+def maxbatch(args: argparse.Namespace) -> Dict:
+    """Largest batch under the memory budget and throughput at each batch tried, per method."""
+    device = _device()
+    methods = args.methods or (['FP32', 'AMP', 'CP', 'L1', 'L2', 'L3', 'L4', 'L5']
+                               if device.type == 'cuda' else ['FP32', 'AMP', 'CP', 'L1', 'L2',
+                                                              'L3'])
+    rows = []
+    for method in tqdm(methods, desc='maxbatch', unit='method'):
+        rows.append(_search_max_batch(method, args))
+    base = next((r['max_batch'] for r in rows if r['method'] == 'FP32'), 0)
+    print(f'mmpretrain ResNet-50 at {args.image_size}x{args.image_size} on {device.type}, '
+          f'{torch.get_num_threads()} threads, budget {args.budget} MiB of training memory '
+          f'(peak above model, gradients, optimizer state and batch)')
+    print(f"{'method':>6} | {'max batch':>9} | {'x FP32':>7} | {'first OOM':>9} | "
+          f"{'images/s':>8} | {'peak MiB':>8} | {'probes':>6}")
+    for r in rows:
+        ratio = f"{r['max_batch'] / base:.2f}x" if base else '-'
+        oom = r['first_oom'] if r['first_oom'] is not None else f">{args.max_batch}"
+        speed = f"{r['images_per_second']:.1f}" if r['images_per_second'] else '-'
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r['peak_bytes'] else '-'
+        print(f"{r['method']:>6} | {r['max_batch']:>9} | {ratio:>7} | {oom:>9} | {speed:>8} | "
+              f"{peak:>8} | {len(r['tried']):>6}")
+    result = {'model': 'resnet50', 'device': device.type, 'image_size': args.image_size,
+              'budget_mib': args.budget, 'threads': torch.get_num_threads(), 'rows': rows}
+    print('saved', _save('maxbatch', result), _plot_maxbatch(result))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +449,24 @@ def main() -> None:
                            default=['FP32', 'AMP', 'CP', 'L1', 'L2', 'L3', 'L4'])
         else:
             p.add_argument('--method', choices=METHODS, required=True)
+        p.set_defaults(run=run)
+    for name, run in (('maxbatch', maxbatch), ('_maxbatch_probe', maxbatch_probe)):
+        p = studies.add_parser(name, help='largest batch under a memory budget, and throughput'
+                               if name == 'maxbatch' else argparse.SUPPRESS)
+        p.add_argument('--budget', type=int, default=512,
+                       help='MiB of training memory: the peak above what the model, its '
+                       'gradients, the optimizer state and the batch hold')
+        p.add_argument('--image-size', type=int, default=64)
+        if name == 'maxbatch':
+            p.add_argument('--methods', nargs='+', choices=METHODS,
+                           help='default: FP32 AMP CP L1 L2 L3, and L4 L5 on CUDA')
+            p.add_argument('--start', type=int, default=8, help='first batch size tried')
+            p.add_argument('--max-batch', type=int, default=16384, help='largest batch tried')
+            p.add_argument('--tolerance', type=float, default=0.05,
+                           help='bisection stops when the gap is within this share of the answer')
+        else:
+            p.add_argument('--method', choices=METHODS, required=True)
+            p.add_argument('--batch', type=int, required=True)
         p.set_defaults(run=run)
     args = parser.parse_args()
     args.run(args)

@@ -67,7 +67,7 @@ class CompressedTensor:
                                    bits=self.bits.pin_memory(), offsets=self.offsets.pin_memory())
 
 
-def _samples_view(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:
+def samples_view(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:
     """(N, M) view of ``x`` in memory order, and the permutation that restores it.
 
     A dense tensor whose sample dim is outermost in memory (contiguous, channels_last, ...) is
@@ -146,7 +146,7 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
             or group_size % 8:
         raise ValueError(f'actnn_mm.compress.quantize: group_size must be a positive multiple of '
                          f'8, got {group_size!r}')
-    samples, permutation = _samples_view(x.detach())
+    samples, permutation = samples_view(x.detach())
     n, m = samples.shape
     widths = _bits_per_sample(bits, n)
     offsets = [0, *itertools.accumulate((m * b + 7) // 8 for b in widths)]

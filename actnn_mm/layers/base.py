@@ -11,8 +11,9 @@ class QLayer:
 
     Attributes:
         _actnn_base: the torch.nn class the layer replaces (what :func:`actnn_mm.revert` restores).
-        _actnn_family: 'conv', 'linear', 'norm', 'relu', 'dropout' or 'pool'; decides whether the
-            layer is converted and compressed at a level (``config.compressed_layers``).
+        _actnn_family: 'conv', 'linear', 'norm', 'act' (GELU, SiLU), 'relu', 'dropout' or
+            'pool'; decides whether the layer is converted and compressed at a level
+            (``config.compressed_layers``).
     """
 
     _actnn_base: type

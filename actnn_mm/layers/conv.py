@@ -40,7 +40,7 @@ class _ConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        padded, weight = saved_activation(ctx)
+        padded, weight = saved_activation(ctx, grad)
         if padded is None:  # only the input gradient is needed: the input's shape suffices
             padded = torch.empty((), dtype=grad.dtype, device=grad.device).expand(
                 ctx.padded_shape)

@@ -22,7 +22,7 @@ class _LinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        x, weight = saved_activation(ctx)
+        x, weight = saved_activation(ctx, grad)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad.matmul(weight) if need_x else None

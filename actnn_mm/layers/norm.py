@@ -134,7 +134,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        kept, weight, first, second = saved_activation(ctx)
+        kept, weight, first, second = saved_activation(ctx, grad)
         needs = list(ctx.needs_input_grad[:3])
         if ctx.training and ctx.normalized:
             grads = _training_backward(grad, kept, weight, second, ctx.eps, needs)
@@ -201,7 +201,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        kept, weight, mean, invstd = saved_activation(ctx)
+        kept, weight, mean, invstd = saved_activation(ctx, grad)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims, ndim = _reduce_dims(kept), kept.dim()
         xh = kept.to(mean.dtype)

@@ -23,8 +23,10 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from ..allocate import allocator
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
 from ..config import config
+from ..stats import step_log
 
 
 @dataclasses.dataclass
@@ -96,17 +98,36 @@ def compresses(x: torch.Tensor, module: torch.nn.Module) -> bool:
     return x.dtype in FLOAT_DTYPES and config.compresses(module._actnn_family)
 
 
-def bits_for(x: torch.Tensor, module: torch.nn.Module) -> int:
-    """Bit width ``module`` stores activation ``x`` at (called once per quantized activation).
+def bits_for(x: torch.Tensor, module: torch.nn.Module) -> Union[int, torch.Tensor]:
+    """Bit width(s) ``module`` stores activation ``x`` at (called once per quantized activation).
 
     Args:
         x: the activation the layer's backward needs (``compresses(x, module)`` holds).
         module: the layer.
 
     Returns:
-        The configured uniform width.
+        The configured uniform width, or with ``config.adaptive`` one width per sample chosen by
+        the allocator within the layer's share of the budget.
     """
+    if config.adaptive:
+        return allocator.bits_for(module, x, float(config.bits), config.group_size,
+                                  across_layers=module._actnn_family in ACROSS_LAYERS_FAMILIES)
     return config.bits
+
+
+# Layers whose saved input enters only their weight gradient: their share of the bit budget is
+# re-balanced across layers (see actnn_mm.allocate).
+ACROSS_LAYERS_FAMILIES = ('conv', 'linear')
+
+# A training step begins with the first activation kept after a backward pass has run.
+_backward_ran = [False]
+
+
+def _step_boundary() -> None:
+    if _backward_ran[0]:
+        _backward_ran[0] = False
+        allocator.begin_step()
+        step_log.begin_step()
 
 
 def _keep(value: Kept, module: torch.nn.Module, full_bytes: int) -> Stored:
@@ -114,6 +135,11 @@ def _keep(value: Kept, module: torch.nn.Module, full_bytes: int) -> Stored:
     nbytes = value.nbytes
     module.__dict__['actnn_saved_bytes'] = nbytes
     module.__dict__['actnn_full_bytes'] = full_bytes
+    if isinstance(value, CompressedTensor):
+        step_log.record(module, nbytes, full_bytes, value.bits.tolist(),
+                        value.shape.numel() // max(value.bits.numel(), 1))
+    else:
+        step_log.record(module, nbytes, full_bytes)
     if config.swap and value.device.type == 'cuda':
         device = value.device
         value = value.to('cpu', non_blocking=True)  # a pinned copy for CUDA sources
@@ -136,10 +162,11 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Stored
         ``x`` itself when it stays in full precision (the caller must put it through
         ``ctx.save_for_backward``), else its :class:`CompressedTensor` (possibly offloaded).
     """
+    _step_boundary()
     if not compresses(x, module):
         module.__dict__['actnn_saved_bytes'] = module.__dict__['actnn_full_bytes'] = x.nbytes
         return x
-    settings = (config.bits, config.group_size, config.stochastic, config.swap)
+    settings = (config.bits, config.group_size, config.stochastic, config.swap, config.adaptive)
     entry = _shared.get(id(x))
     if entry is not None and entry[0]() is x and entry[1:3] == (x._version, settings):
         stored = entry[3]()
@@ -159,17 +186,20 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Stored
 def stash(t: torch.Tensor, module: torch.nn.Module, full_bytes: int) -> Stored:
     """Keep exact tensor ``t`` (e.g. compact indices) of ``module``; torch would keep
     ``full_bytes`` instead."""
+    _step_boundary()
     return _keep(t, module, full_bytes)
 
 
 def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes: int) -> Stored:
     """Keep ``t`` of ``module`` (bool, or uint8 below ``2**bits``) packed at ``bits`` per value;
     torch would keep ``full_bytes`` instead."""
+    _step_boundary()
     return _keep(pack_ints(t, bits), module, full_bytes)
 
 
 def load(stored: Union[torch.Tensor, Stored]) -> torch.Tensor:
     """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized)."""
+    _backward_ran[0] = True
     if isinstance(stored, Offloaded):
         stored = stored.value.to(stored.device, non_blocking=True)
     if isinstance(stored, CompressedTensor):
@@ -192,6 +222,8 @@ def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.M
     else:
         stored = save(x, module)
     ctx.actnn_plain = isinstance(stored, torch.Tensor)
+    # The allocator learns from the gradient reaching a layer whose activation it sized.
+    ctx.actnn_module = module if config.adaptive and not ctx.actnn_plain else None
     if ctx.actnn_plain:
         ctx.save_for_backward(stored, *exact)
         ctx.actnn_stored = None
@@ -200,11 +232,18 @@ def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.M
         ctx.actnn_stored = stored
 
 
-def saved_activation(ctx: torch.autograd.function.FunctionCtx
+def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                      ) -> Tuple[Optional[torch.Tensor], ...]:
-    """``(x, *exact)`` as given to :func:`save_activation`; drops the compressed copy from ctx."""
+    """``(x, *exact)`` as given to :func:`save_activation`; drops the compressed copy from ctx.
+
+    Args:
+        ctx: the context :func:`save_activation` filled.
+        grad: the gradient of the layer's output (for the adaptive allocator).
+    """
     if ctx.actnn_plain:
         return ctx.saved_tensors
+    if ctx.actnn_module is not None:
+        allocator.observe_grad(ctx.actnn_module, grad)
     stored, ctx.actnn_stored = ctx.actnn_stored, None
     return (None if stored is None else load(stored), *ctx.saved_tensors)
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from actnn_mm.allocate import BITS, allocate, group_range_sq_sum
+from actnn_mm.allocate import BITS, allocate, mean_square_range
 
 
 def _variance(sensitivity, bits):
@@ -72,9 +72,9 @@ def test_group_range_term():
     x = torch.zeros(2, 300)
     x[0, :256] = torch.linspace(0, 2, 256)   # one group of range 2, the tail group constant
     x[1, 256:] = torch.linspace(-1, 1, 44)   # only the short last group has a range
-    got = group_range_sq_sum(x, 256)
-    assert torch.allclose(got, torch.tensor([4.0 * 256, 4.0 * 256], dtype=torch.float64))
+    got = mean_square_range(x, 256)
+    assert torch.allclose(got, torch.tensor([2.0, 2.0], dtype=torch.float64))  # (2^2 + 0) / 2
     cl = torch.randn(3, 8, 5, 7).to(memory_format=torch.channels_last)
-    assert torch.allclose(group_range_sq_sum(cl, 64), group_range_sq_sum(
+    assert torch.allclose(mean_square_range(cl, 64), mean_square_range(
         cl.permute(0, 2, 3, 1).contiguous(), 64))
-    assert group_range_sq_sum(torch.randn(0, 5), 8).shape == (0,)
+    assert mean_square_range(torch.randn(0, 5), 8).shape == (0,)

@@ -6,7 +6,7 @@ import torch
 
 from actnn_mm.compress import (CompressedTensor, dequantize, extension_loaded, ops, quantize,
                                reference)
-from actnn_mm.compress.codec import _samples_view
+from actnn_mm.compress.codec import samples_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -51,14 +51,14 @@ def _bits_for(x: torch.Tensor, bits):
 def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic):
     x = SHAPES[shape]().to(dtype)
     c = quantize(x, _bits_for(x, bits), group_size=64, seed=12345, stochastic=stochastic)
-    samples, _ = _samples_view(x)
+    samples, _ = samples_view(x)
     data, meta = reference.quantize(samples, c.bits, c.offsets, 64, 12345, stochastic,
                                     c.data.numel())
     assert torch.equal(c.data, data)
     assert torch.equal(c.meta.view(torch.int16), meta.view(torch.int16))
     expected = reference.dequantize(data, meta, c.bits, c.offsets, samples.shape[0],
                                     samples.shape[1], 64, dtype)
-    assert torch.equal(_samples_view(dequantize(c))[0], expected)
+    assert torch.equal(samples_view(dequantize(c))[0], expected)
 
 
 @pytest.mark.parametrize('shape', list(SHAPES))
@@ -77,7 +77,7 @@ def test_round_trip_keeps_shape_dtype_layout(shape, dtype):
 
 def _group_scale(c: CompressedTensor, x: torch.Tensor) -> torch.Tensor:
     """The scale of each element's group, in the (N, M) memory-order view."""
-    samples, _ = _samples_view(x)
+    samples, _ = samples_view(x)
     n, m = samples.shape
     scale = c.meta.float().view(n, -1, 2)[..., 1]
     return scale.repeat_interleave(c.group_size, dim=1)[:, :m]
@@ -89,7 +89,7 @@ def _group_scale(c: CompressedTensor, x: torch.Tensor) -> torch.Tensor:
 def test_error_at_most_one_step(shape, bits):
     x = SHAPES[shape]()
     c = quantize(x, _bits_for(x, bits), group_size=64)
-    err = (_samples_view(dequantize(c))[0] - _samples_view(x)[0]).abs()
+    err = (samples_view(dequantize(c))[0] - samples_view(x)[0]).abs()
     assert bool((err <= _group_scale(c, x)).all())
 
 

@@ -1,0 +1,321 @@
+"""Generic mode: compress what any op saves for backward, and report what stays uncompressed.
+
+ActNN layers cover the layers they replace. Everything else a model computes in training
+(attention matmuls, softmax, functional activations, custom ops) keeps its tensors through
+autograd's saved tensors. :class:`compress_saved_tensors` installs the public
+``torch.autograd.graph.saved_tensors_hooks``: each saved floating tensor is quantized like a
+layer's activation (dim 0 as the sample axis, ``config.group_size``, ``config.stochastic``, the
+configured bits) when the op saves it, and dequantized each time backward unpacks it. ::
+
+    with actnn_mm.compress_saved_tensors(model) as generic:
+        loss = model(x).sum()   # packing happens here
+    loss.backward()             # works outside the context
+    print(generic.stats)
+
+Left in full precision, with the reason counted in :attr:`GenericStats.kept_bytes`:
+
+* parameters and buffers of ``model``, views of parameters and autocast copies of parameters
+  that train (not counted: they are held anyway);
+* 'type': non-floating tensors (indices, masks), float64, non-strided layouts;
+* 'shape': tensors of fewer than 2 dims (no sample axis);
+* 'small': tensors below ``min_bytes`` (64 KiB by default: per-group statistics, biases, small
+  heads; each compression costs a kernel call and about 20 bytes of bookkeeping per sample,
+  while the activations worth compressing take megabytes).
+
+A tensor saved by several ops (a softmax output read by the next matmul, ``x * x``) is compressed
+once: saves are matched by storage, offset, shape, strides, dtype and version while the tensor
+lives. ActNN layers keep their compressed activations on the autograd context, not in saved
+tensors, so generic mode never sees them; what they do save (weights, per-channel statistics)
+is filtered out above.
+
+Gradients stay unbiased for ops whose backward is linear in each saved tensor (matmul, mul,
+convolution, linear, interpolation, pooling). For ops whose backward is nonlinear in a saved
+tensor (softmax and sigmoid outputs, ``F.gelu`` / ``F.layer_norm`` inputs, the thresholds of
+``F.relu`` / ``clamp``) they are slightly biased at low bits and close at 8 bits: the ActNN layers
+(QLayerNorm, QGELU, QReLU, ...) are exact or unbiased there, so convert first.
+
+``torch.compile`` defeats saved-tensor hooks (compiled graphs unpack all saved tensors at once,
+pytorch issue 148222): under it, generic mode saves no memory.
+"""
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import weakref
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+from torch import nn
+
+from .compress import FLOAT_DTYPES, SUPPORTED_BITS, quantize
+from .config import config
+from .layers.saved import Offloaded, Stored, load
+
+logger = logging.getLogger('actnn_mm')
+
+DEFAULT_MIN_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass
+class GenericStats:
+    """What generic mode kept for backward since its context was entered.
+
+    Attributes:
+        compressed: distinct tensors compressed.
+        shared: saves served by the compressed copy of a tensor saved before.
+        saved_bytes: bytes of the compressed copies.
+        full_bytes: bytes the same tensors take in full precision (what torch would keep).
+        kept_bytes: bytes of saved tensors left in full precision, by reason ('type', 'shape',
+            'small'), counted at each save.
+    """
+
+    compressed: int = 0
+    shared: int = 0
+    saved_bytes: int = 0
+    full_bytes: int = 0
+    kept_bytes: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """``full_bytes / saved_bytes`` of the compressed tensors (None if none)."""
+        return self.full_bytes / self.saved_bytes if self.saved_bytes else None
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A compressed saved tensor, for later saves of the same values."""
+
+    owner: weakref.ref  # the tensor owning the storage (the base of a view): alive, no reuse
+    version: int
+    shape: torch.Size
+    stored: weakref.ref
+
+
+@dataclasses.dataclass
+class _Reshaped:
+    """A compressed contiguous tensor, saved again under another shape (e.g. a softmax output
+    and its (B * heads, L, L) view read by the next matmul)."""
+
+    stored: Stored
+    shape: torch.Size
+
+
+def _key(t: torch.Tensor) -> Tuple[Any, ...]:
+    """What identifies the values of ``t`` while its storage lives: a contiguous tensor by the
+    memory it spans (every shape viewing it holds the same values in the same order), any other
+    by its full geometry."""
+    geometry = (t.numel(),) if t.is_contiguous() else (tuple(t.shape), t.stride())
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, t.device) + geometry
+
+
+def _unpack(packed: Union[torch.Tensor, Stored, _Reshaped]) -> torch.Tensor:
+    """The saved tensor (dequantized) from what :meth:`compress_saved_tensors._pack` returned."""
+    if isinstance(packed, _Reshaped):
+        return load(packed.stored).view(packed.shape)
+    return load(packed)
+
+
+def _parameter_storages(model: Optional[nn.Module]) -> Set[int]:
+    """Storage addresses of ``model``'s parameters and buffers."""
+    if model is None:
+        return set()
+    return {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(),
+                                                                    model.buffers())}
+
+
+def _is_parameter(t: torch.Tensor, storages: Set[int]) -> bool:
+    """Whether ``t`` is a parameter or buffer, a view of one, or an autocast copy of one."""
+    owner = t if t._base is None else t._base
+    if isinstance(owner, nn.Parameter) or t.untyped_storage().data_ptr() in storages:
+        return True
+    node = owner.grad_fn  # a dtype cast (autocast) of a parameter that trains?
+    if node is None or not type(node).__name__.startswith('ToCopyBackward'):
+        return False
+    leaf = getattr(node.next_functions[0][0], 'variable', None)  # AccumulateGrad's tensor
+    return leaf is not None and _is_parameter(leaf, storages)
+
+
+def _skip_reason(t: torch.Tensor, storages: Set[int], min_bytes: int) -> Optional[str]:
+    """Why saved tensor ``t`` stays in full precision ('parameter', 'type', 'shape', 'small'),
+    or None to compress it."""
+    if t.layout != torch.strided:
+        return 'type'
+    if _is_parameter(t, storages):
+        return 'parameter'
+    if t.dtype not in FLOAT_DTYPES:
+        return 'type'
+    if t.dim() < 2:
+        return 'shape'
+    if t.nbytes < min_bytes:
+        return 'small'
+    return None
+
+
+class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's saved_tensors_hooks)
+    """Context manager compressing the tensors autograd saves for backward (see the module doc).
+
+    One object may be entered again for each training step; each entry resets :attr:`stats`.
+
+    Args:
+        model: the model trained (or None): its parameters and buffers, under any name or view,
+            are never compressed. Without it, parameters are recognised by type only.
+        bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save.
+        min_bytes: tensors smaller than this stay in full precision.
+
+    Attributes:
+        stats: :class:`GenericStats` since the last entry.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, bits: Optional[int] = None,
+                 min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+        if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+            raise ValueError(f'actnn_mm.compress_saved_tensors: bits must be one of '
+                             f'{SUPPORTED_BITS} or None, got {bits!r}')
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f'actnn_mm.compress_saved_tensors: min_bytes must be a '
+                             f'non-negative int, got {min_bytes!r}')
+        self.model, self.bits, self.min_bytes = model, bits, min_bytes
+        self.stats = GenericStats()
+        self._storages: Set[int] = set()
+        self._shared: Dict[Tuple[Any, ...], _Entry] = {}
+        self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+
+    def __enter__(self) -> 'compress_saved_tensors':
+        if self._hooks is not None:
+            raise RuntimeError('actnn_mm.compress_saved_tensors: this context is already active')
+        self.stats = GenericStats()
+        self._storages = _parameter_storages(self.model)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        hooks, self._hooks = self._hooks, None
+        self._shared.clear()
+        hooks.__exit__(*exc_info)
+
+    def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped]:
+        reason = _skip_reason(t, self._storages, self.min_bytes)
+        if reason is not None:
+            if reason != 'parameter':
+                self.stats.kept_bytes[reason] += t.nbytes
+            return t
+        key = _key(t)
+        entry = self._shared.get(key)
+        if entry is not None and entry.owner() is not None and entry.version == t._version:
+            stored = entry.stored()
+            if stored is not None:
+                self.stats.shared += 1
+                return stored if entry.shape == t.shape else _Reshaped(stored, t.shape)
+        compressed = quantize(t, self.bits or config.bits, config.group_size,
+                              stochastic=config.stochastic)
+        self.stats.compressed += 1
+        self.stats.saved_bytes += compressed.nbytes
+        self.stats.full_bytes += t.nbytes
+        if config.swap and t.device.type == 'cuda':  # a pinned CPU copy, back in `load`
+            stored: Stored = Offloaded(compressed.to('cpu', non_blocking=True), t.device)
+        else:
+            stored = compressed
+        owner = weakref.ref(t if t._base is None else t._base, functools.partial(self._forget, key))
+        self._shared[key] = _Entry(owner, t._version, t.shape, weakref.ref(stored))
+        return stored
+
+    def _forget(self, key: Tuple[Any, ...], owner: weakref.ref) -> None:
+        """Drop the entry of a storage owner that died (its memory may be reused)."""
+        entry = self._shared.get(key)
+        if entry is not None and entry.owner is owner:
+            del self._shared[key]
+
+
+@dataclasses.dataclass
+class UncompressedActivations:
+    """Full-precision activations autograd keeps for one module's forward.
+
+    Attributes:
+        module: qualified name of the module ('' for the root).
+        type: its class name.
+        nbytes: bytes of the distinct floating tensors saved while it was the innermost module
+            running.
+        tensors: their number.
+    """
+
+    module: str
+    type: str
+    nbytes: int
+    tensors: int
+
+
+def report_uncompressed(model: nn.Module, *inputs: Any, min_bytes: int = 1 << 20,
+                        **kwargs: Any) -> List[UncompressedActivations]:
+    """Modules whose forward makes autograd keep large full-precision activations; logged.
+
+    Runs ``model(*inputs, **kwargs)`` once with autograd recording (in the model's current
+    train/eval mode, without backward) and counts the floating tensors that autograd saves,
+    parameters excluded, each once, for the innermost module running when it is saved. ActNN
+    layers keep their compressed activations outside autograd, so after :func:`actnn_mm.QModule`
+    this shows what stays in full precision: layers without an ActNN version (or skipped at this
+    level) and functional ops (attention, softmax, ...), i.e. what generic mode would compress.
+    The model's buffers and the random number generators are restored afterwards.
+
+    Args:
+        model: the model (converted or not).
+        *inputs: positional inputs of one forward call.
+        min_bytes: report modules keeping at least this many bytes.
+        **kwargs: keyword inputs of the forward call.
+
+    Returns:
+        The modules keeping at least ``min_bytes``, largest first.
+    """
+    storages = _parameter_storages(model)
+    stack: List[str] = []
+    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+    seen: Set[Tuple[Any, ...]] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and t.is_floating_point() and not _is_parameter(t, storages):
+            key = _key(t)
+            if key not in seen:
+                seen.add(key)
+                total = totals[stack[-1] if stack else '']
+                total[0] += t.nbytes
+                total[1] += 1
+        return t
+
+    def enter(name: str, *_: Any) -> None:
+        stack.append(name)
+
+    def leave(*_: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = sorted({t.device.index for t in itertools.chain(model.parameters(), model.buffers())
+                      if t.device.type == 'cuda'})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), buffers):
+                buffer.copy_(value)
+    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    report = sorted((UncompressedActivations(name, types[name], nbytes, count)
+                     for name, (nbytes, count) in totals.items() if nbytes >= min_bytes),
+                    key=lambda r: -r.nbytes)
+    everything = sum(nbytes for nbytes, _ in totals.values())
+    if report:
+        logger.warning('actnn_mm: modules keeping full-precision activations for backward '
+                       '(%.2f MiB in all):\n%s', everything / 2**20, '\n'.join(
+                           f'  {r.module or "<root>"} ({r.type}): {r.nbytes / 2**20:.2f} MiB in '
+                           f'{r.tensors} tensors' for r in report))
+    else:
+        logger.info('actnn_mm: no module keeps %.2f MiB or more of full-precision activations '
+                    '(%.2f MiB in all)', min_bytes / 2**20, everything / 2**20)
+    return report

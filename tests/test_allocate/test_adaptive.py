@@ -1,0 +1,188 @@
+"""L3's adaptive allocation in training: the budget holds, gradient variance drops, gradients
+stay unbiased, and allocation is deterministic."""
+import pytest
+import torch
+from torch import nn
+
+import actnn_mm
+from actnn_mm.allocate import allocator
+from actnn_mm.stats import step_log
+from test_layers.qchecks import assert_unbiased, settings
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    allocator.reset()
+    step_log.begin_step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    allocator.reset()
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10))
+
+
+def scaled_batch(n: int, seed: int = 0) -> torch.Tensor:
+    """Samples whose scales differ by up to 1000x, as activations of real batches do less."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-2, 1, n)[torch.randperm(n, generator=g)]
+    return torch.randn(n, 3, 16, 16, generator=g) * scale.view(n, 1, 1, 1)
+
+
+def step(model: nn.Module, x: torch.Tensor, indices=None) -> None:
+    actnn_mm.set_sample_indices(indices)
+    weight = torch.randn(x.shape[0], 10, generator=torch.Generator().manual_seed(1))
+    (model(x) * weight).sum().backward()
+
+
+def weight_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for name, p in model.named_parameters()
+                      if name.endswith('weight') and p.dim() > 1])
+
+
+@pytest.mark.parametrize('batch', [1, 2, 3, 8])
+@pytest.mark.parametrize('with_indices', [False, True])
+@pytest.mark.parametrize('target', [2, 4])
+def test_budget_holds_every_step(batch, with_indices, target):
+    model = actnn_mm.QModule(net())
+    with settings('L3', activation_compression_bits=[target]):
+        for i in range(4):
+            x = scaled_batch(batch, seed=i)
+            step(model, x, list(range(i * batch, (i + 1) * batch)) if with_indices else None)
+            s = actnn_mm.stats(model)
+            assert s['average_bits'] <= target + 0.05
+            widths = [layer['bits_max'] for layer in s['layers'].values() if 'bits_max' in layer]
+            assert widths and all(w in (1, 2, 4, 8) for w in widths)
+
+
+def _variance(model: nn.Module, x: torch.Tensor, k: int) -> float:
+    grads = []
+    for _ in range(k):
+        model.zero_grad()
+        step(model, x)
+        grads.append(weight_grads(model))
+    stack = torch.stack(grads).double()
+    return float(((stack - stack.mean(0)) ** 2).sum(1).mean())
+
+
+def test_adaptive_lowers_gradient_variance():
+    x = scaled_batch(16)
+    ratios = {}
+    model = actnn_mm.QModule(net())
+    with settings('L3', adaptive=False):
+        uniform = _variance(model, x, 24)
+    with settings('L3'):
+        for _ in range(3):  # learn gradient magnitudes and layer budgets
+            model.zero_grad()
+            step(model, x)
+        adaptive = _variance(model, x, 24)
+        assert actnn_mm.stats(model)['average_bits'] <= 2.0 + 1e-9
+    ratios['scaled'] = uniform / adaptive
+    print(f'gradient variance, uniform 2-bit / adaptive 2-bit average: {ratios}')
+    assert ratios['scaled'] >= 2.0
+
+
+def test_unbiased_under_adaptive_allocation():
+    x = scaled_batch(8)
+    model = net()
+    model.zero_grad()
+    step(model, x)
+    want = {'weight': weight_grads(model).clone()}
+    actnn_mm.QModule(model)
+    with settings('L3'):
+        for _ in range(2):
+            model.zero_grad()
+            step(model, x)
+
+        def sample():
+            model.zero_grad()
+            step(model, x)
+            return {'weight': weight_grads(model).clone()}
+
+        assert_unbiased(sample, want, k=64)
+
+
+def test_allocation_is_deterministic():
+    def run():
+        allocator.reset()
+        model = actnn_mm.QModule(net())
+        torch.manual_seed(5)
+        with settings('L3'):
+            for i in range(3):
+                model.zero_grad()
+                step(model, scaled_batch(6, seed=i), list(range(6 * i, 6 * i + 6)))
+        s = actnn_mm.stats(model)
+        return s, weight_grads(model)
+
+    (s1, g1), (s2, g2) = run(), run()
+    assert s1 == s2
+    assert torch.equal(g1, g2)
+
+
+def test_stats_report_layers_and_bytes():
+    model = actnn_mm.QModule(net())
+    with settings('L3'):
+        step(model, scaled_batch(4))
+    s = actnn_mm.stats(model)
+    assert set(s) == {'average_bits', 'compressed_bytes', 'full_precision_bytes', 'ratio', 'layers'}
+    assert s['compressed_bytes'] == sum(layer['bytes'] for layer in s['layers'].values())
+    assert s['ratio'] == s['full_precision_bytes'] / s['compressed_bytes'] > 8
+    conv = s['layers']['0']
+    assert conv['type'] == 'QConv2d' and conv['calls'] == 1
+    assert conv['bits_min'] <= conv['bits_mean'] <= conv['bits_max']
+    assert 'bits_mean' not in s['layers']['2']  # ReLU keeps a 1-bit mask, not a quantized tensor
+    assert s['layers']['2']['bytes'] == 4 * 16 * 16 * 16 // 8
+
+
+def test_sample_indices_remember_gradient_magnitudes():
+    model = actnn_mm.QModule(net())
+    with settings('L3'):
+        step(model, scaled_batch(4), [10, 11, 12, 13])
+        step(model, scaled_batch(4, seed=1), [0, 1, 2, 3])  # the step boundary learns indices 10-13
+    assert allocator.sample_seen[10:14].all() and not allocator.sample_seen[:10].any()
+    assert torch.allclose(allocator.sample_scale[10:14].mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def _digits_batch(n: int):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images[:n], dtype=torch.float32)[:, None] / 16
+    x = torch.nn.functional.interpolate(x, size=32, mode='bilinear').repeat(1, 3, 1, 1)
+    return (x - 0.3) / 0.4, torch.tensor(digits.target[:n])
+
+
+def test_adaptive_lowers_variance_on_resnet18_with_real_images():
+    import torchvision
+
+    x, y = _digits_batch(16)
+    torch.manual_seed(0)
+    model = actnn_mm.QModule(torchvision.models.resnet18(num_classes=10))
+
+    def variance(k: int) -> float:
+        grads = []
+        for _ in range(k):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.dim() > 1]))
+        stack = torch.stack(grads).double()
+        return float(((stack - stack.mean(0)) ** 2).sum(1).mean())
+
+    ratios = {}
+    for layers in ('conv', 'all'):  # the convolutions' share alone, then every layer
+        with settings('L3', adaptive=False, compressed_layers=layers):
+            uniform = variance(12)
+        with settings('L3', compressed_layers=layers):
+            variance(3)
+            ratios[layers] = uniform / variance(12)
+    print(f'resnet18 on digits, gradient variance uniform / adaptive at 2 bits: {ratios}')
+    assert ratios['conv'] > 1.3
+    assert ratios['all'] > 1.03

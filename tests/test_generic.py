@@ -1,0 +1,247 @@
+"""Generic mode (saved-tensor hooks) and the report of uncompressed activations: gradients close
+at 8 bits and unbiased at 2 bits for linear ops, what is skipped, sharing, memory on a ViT block."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actnn_mm
+from actnn_mm import generic
+from test_layers.conftest import single_thread  # noqa: F401 (autouse fixture)
+from test_layers.qchecks import assert_close_grads, assert_unbiased, grads, settings
+
+
+class Attention(nn.Module):
+    """ViT attention written out: matmuls and softmax that no ActNN layer covers."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """A pre-norm ViT block."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LinearOps(nn.Module):
+    """Ops whose backward is linear in each saved tensor, none of them an ActNN layer's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = F.interpolate(self.conv(x), scale_factor=2, mode='bilinear')
+        return torch.matmul(self.a(y), self.b(y).transpose(-2, -1))
+
+
+class Fn(nn.Module):
+    """A function as a module (for ``grads``)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
+def block(dim=32):
+    torch.manual_seed(0)
+    return Block(dim)
+
+
+def generic_grads(model, x, **options):
+    with actnn_mm.compress_saved_tensors(model, **options) as hooks:
+        result = grads(model, [x])
+    return result, hooks.stats
+
+
+@pytest.fixture
+def quantized(monkeypatch):
+    """The tensors generic mode quantizes."""
+    seen = []
+    quantize = generic.quantize
+    monkeypatch.setattr(generic, 'quantize', lambda t, *a, **k: seen.append(t) or quantize(t, *a,
+                                                                                          **k))
+    return seen
+
+
+def test_8bit_close_on_a_transformer_block():
+    model, x = block(), torch.randn(2, 16, 32)
+    want = grads(model, [x])
+    got, stats = generic_grads(model, x, bits=8, min_bytes=1024)
+    assert_close_grads(got, want, rtol=2e-2)
+    assert torch.equal(got['out'], want['out'])
+    assert stats.compressed >= 10 and stats.kept_bytes['small'] > 0
+
+
+def test_8bit_close_on_multihead_attention():
+    torch.manual_seed(0)
+    model = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 16, 32)
+
+    attend = Fn(lambda t: model(t, t, t)[0])
+    attend.model = model
+    want = grads(attend, [x])
+    with actnn_mm.compress_saved_tensors(model, bits=8, min_bytes=1024) as hooks:
+        got = grads(attend, [x])
+    assert hooks.stats.compressed > 0
+    assert_close_grads(got, want, rtol=3e-2)
+
+
+def test_2bit_unbiased_for_linear_ops():
+    torch.manual_seed(0)
+    model, x = LinearOps(), torch.randn(2, 3, 8, 8)
+    want = grads(model, [x])
+    keys = ['input0', 'conv.weight', 'a.weight', 'b.weight']
+    assert_unbiased(lambda: generic_grads(model, x, bits=2, min_bytes=0)[0], want, k=96,
+                    keys=keys)
+    stats = generic_grads(model, x, bits=2, min_bytes=0)[1]
+    assert (stats.compressed, stats.shared) == (5, 1)  # x, y (twice), a, b^T, the loss weights
+
+
+def test_parameters_small_and_integer_tensors_stay_uncompressed(quantized):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(4, 3, 8, 8)
+    _, stats = generic_grads(model, x, bits=4, min_bytes=1024)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert quantized and all(t.nbytes >= 1024 for t in quantized)
+    assert not any(t.untyped_storage().data_ptr() in params for t in quantized)
+    assert stats.kept_bytes['type'] > 0  # max-pool indices
+    assert stats.kept_bytes['small'] > 0  # the linear layer's input (4 x 128 floats)
+
+
+def test_autocast_copies_of_weights_stay_uncompressed(quantized):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast('cpu', torch.bfloat16), actnn_mm.compress_saved_tensors(min_bytes=0):
+        model(x).float().sum().backward()
+    assert [tuple(t.shape) for t in quantized] == [(8, 64)]
+    assert x.grad is not None and model.weight.grad.dtype == torch.float32
+
+
+def test_a_tensor_saved_by_several_ops_is_stored_once():
+    x = torch.randn(4, 64, requires_grad=True)
+    with actnn_mm.compress_saved_tensors(bits=8, min_bytes=0) as hooks:
+        y = x.exp()  # exp keeps its output y; y * y keeps it twice more
+        (y * y).sum().backward()
+    assert (hooks.stats.compressed, hooks.stats.shared) == (1, 2)
+    one = actnn_mm.compress.quantize(x, 8)
+    assert hooks.stats.saved_bytes == one.nbytes and hooks.stats.full_bytes == x.nbytes
+    want = 2 * x.detach().exp() ** 2
+    assert (x.grad - want).norm() <= 1e-2 * want.norm()
+
+
+def test_a_changed_tensor_is_compressed_again():
+    x = torch.randn(4, 64, requires_grad=True)
+    with actnn_mm.compress_saved_tensors(min_bytes=0) as hooks:
+        y = x * 2
+        z = y.sin()  # keeps y
+        y.add_(1)
+        w = y.cos()  # keeps the changed y
+    assert (hooks.stats.compressed, hooks.stats.shared) == (2, 0)
+    del z, w
+
+
+def test_backward_outside_the_context_and_hooks_removed_after():
+    model, x = block(), torch.randn(2, 16, 32)
+    want = grads(model, [x])
+    context = actnn_mm.compress_saved_tensors(model, bits=8, min_bytes=1024)
+    with context:
+        out = model(x.requires_grad_())
+    compressed = context.stats.compressed
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+    assert (x.grad - want['input0']).norm() <= 2e-2 * want['input0'].norm()
+    model(x).sum()
+    assert context.stats.compressed == compressed
+    with context:  # re-entered for the next step: fresh statistics
+        assert context.stats.compressed == 0
+        with pytest.raises(RuntimeError, match='already active'):
+            context.__enter__()
+
+
+def test_vit_block_at_2_bits_keeps_4x_less():
+    """Converted layers and generic mode together, counted against what torch keeps."""
+    model, x = block(64), torch.randn(4, 64, 64)
+    plain = sum(r.nbytes for r in actnn_mm.report_uncompressed(model, x, min_bytes=0))
+    with settings('L3', adaptive=False):
+        actnn_mm.QModule(model)
+        _, stats = generic_grads(model, x)
+    layers = [m for m in model.modules() if hasattr(m, 'actnn_saved_bytes')]
+    assert len(layers) == 7  # 2 LayerNorm, 4 Linear, GELU
+    kept = sum(m.actnn_saved_bytes for m in layers) + stats.saved_bytes + sum(
+        stats.kept_bytes.values())
+    # q, k^T, the softmax output (read again by attn @ v), v, the loss weights
+    assert (stats.compressed, stats.shared) == (5, 1)
+    assert plain / kept >= 4
+    assert stats.ratio > 10
+
+
+def test_8bit_close_with_converted_layers():
+    model, x = block(), torch.randn(2, 16, 32)
+    want = grads(model, [x])
+    with settings('L2', activation_compression_bits=[8]):
+        actnn_mm.QModule(model)
+        got, _ = generic_grads(model, x, min_bytes=0)
+    assert_close_grads(got, want, rtol=3e-2)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match='bits must be one of'):
+        actnn_mm.compress_saved_tensors(bits=3)
+    with pytest.raises(ValueError, match='min_bytes'):
+        actnn_mm.compress_saved_tensors(min_bytes=-1)
+
+
+def test_report_names_modules_keeping_full_precision(caplog):
+    model, x = block(), torch.randn(2, 16, 32)
+    with caplog.at_level(logging.INFO, logger='actnn_mm'):
+        before = actnn_mm.report_uncompressed(model, x, min_bytes=1024)
+        with settings('L3'):
+            actnn_mm.QModule(model)
+        after = actnn_mm.report_uncompressed(model, x, min_bytes=1024)
+    assert {r.module for r in before} == {'norm1', 'attn', 'attn.qkv', 'attn.proj', 'norm2',
+                                          'mlp.0', 'mlp.1', 'mlp.2'}
+    assert [(r.module, r.type) for r in after] == [('attn', 'Attention')]
+    assert after[0].tensors == 4 and after[0].nbytes == 3 * 2 * 4 * 16 * 8 * 4 + 2 * 4 * 16 * 16 * 4
+    assert 'attn (Attention): ' in caplog.text
+
+
+def test_report_leaves_buffers_and_random_state_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5))
+    x = torch.randn(2, 3, 8, 8)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    report = actnn_mm.report_uncompressed(model, x, min_bytes=0)
+    assert {r.module for r in report} == {'0', '1', '2'}
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
