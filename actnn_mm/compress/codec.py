@@ -110,7 +110,40 @@ def _draw_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_())
 
 
+# Checking a GPU tensor's values waits for the GPU. So on accelerators the finiteness checks of
+# quantize are queued and run together, with one wait, at the next dequantize (the backward pass)
+# or when the queue is long; on the CPU they run at once.
+_DEFERRED_DEVICE_TYPES = ('cuda',)
+_MAX_PENDING = 4096
+_pending: List[Tuple[torch.Tensor, int]] = []
+
+
+def check_pending() -> None:
+    """Run the queued NaN/Inf checks of earlier ``quantize`` calls on accelerators.
+
+    Raises:
+        ValueError: one of those activations held NaN or Inf.
+    """
+    if not _pending:
+        return
+    pending = _pending[:]
+    _pending.clear()
+    failed = torch.stack([~torch.isfinite(meta).all() for meta, _ in pending]).cpu()
+    for (meta, groups_per_sample), bad in zip(pending, failed.tolist()):
+        if bad:
+            _raise_if_not_finite(meta.cpu(), groups_per_sample)
+
+
 def _check_finite(meta: torch.Tensor, groups_per_sample: int) -> None:
+    if meta.device.type in _DEFERRED_DEVICE_TYPES:
+        _pending.append((meta, groups_per_sample))
+        if len(_pending) >= _MAX_PENDING:
+            check_pending()
+    else:
+        _raise_if_not_finite(meta, groups_per_sample)
+
+
+def _raise_if_not_finite(meta: torch.Tensor, groups_per_sample: int) -> None:
     bad = ~torch.isfinite(meta).all(dim=1)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0]) // groups_per_sample
@@ -161,7 +194,13 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
 
 
 def dequantize(c: CompressedTensor) -> torch.Tensor:
-    """The tensor ``c`` was made from, up to quantization noise: same shape, dtype, layout, device."""
+    """The tensor ``c`` was made from, up to quantization noise: same shape, dtype, layout, device.
+
+    Raises:
+        ValueError: an activation quantized on an accelerator since the last check held NaN or
+            Inf (see :func:`check_pending`).
+    """
+    check_pending()
     n = c.offsets.shape[0] - 1
     m = c.shape.numel() // n if n else 0
     samples = ops.dequantize(c.data, c.meta, c.bits, c.offsets, n, m, c.group_size, c.dtype)

@@ -136,7 +136,9 @@ class _BatchNormFunction(torch.autograd.Function):
                  ) -> Tuple[Optional[torch.Tensor], ...]:
         kept, weight, first, second = saved_activation(ctx, grad)
         needs = list(ctx.needs_input_grad[:3])
-        if ctx.training and ctx.normalized:
+        if ctx.training and kept is None:  # only the bias needs a gradient
+            grads = _eval_backward(grad, None, weight, second, needs)
+        elif ctx.training and ctx.normalized:
             grads = _training_backward(grad, kept, weight, second, ctx.eps, needs)
         elif ctx.training:  # full precision: torch's own kernel
             grads = torch.ops.aten.native_batch_norm_backward(

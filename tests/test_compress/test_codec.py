@@ -284,3 +284,20 @@ def test_cuda_matches_cpu_bit_for_bit(bits, dtype):
     assert torch.equal(dequantize(cpu.to('cuda')).cpu(), dequantize(cpu))
     pinned = gpu.to('cpu').pin_memory()
     assert pinned.data.is_pinned() and torch.equal(dequantize(pinned), dequantize(cpu))
+
+
+def test_accelerator_checks_are_deferred_to_dequantize(monkeypatch):
+    from actnn_mm.compress import codec
+
+    monkeypatch.setattr(codec, '_DEFERRED_DEVICE_TYPES', ('cpu',))  # act as if the CPU were a GPU
+    good = quantize(torch.randn(2, 300), 2)
+    bad_x = torch.randn(3, 300)
+    bad_x[1, 7] = float('nan')
+    quantize(bad_x, 2)  # queued, no error yet
+    with pytest.raises(ValueError, match=r'NaN or Inf.*1 of 6 groups, the first in sample 1'):
+        dequantize(good)
+    assert torch.isfinite(dequantize(good)).all()  # the queue was emptied
+    monkeypatch.setattr(codec, '_MAX_PENDING', 2)
+    quantize(torch.randn(2, 30), 2)
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        quantize(bad_x, 2)  # the queue is full: checked now

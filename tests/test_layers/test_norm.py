@@ -172,3 +172,18 @@ def test_wrong_input_dims_raise():
     _, q, _ = make(nn.BatchNorm2d, (3, 4, 5, 5))
     with pytest.raises(ValueError, match='4D input'):
         q(torch.randn(3, 4, 5, requires_grad=True))
+
+
+@pytest.mark.parametrize('level', ['L0', 'L3'])
+def test_training_with_only_the_bias_trainable(level):
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(4)
+    ref.weight.requires_grad_(False)
+    q = copy.deepcopy(ref)
+    x = torch.randn(3, 4, 5, 5)
+    with settings(level):
+        actnn_mm.QModule(q)
+        (q(x) * x).sum().backward()
+    (ref(x) * x).sum().backward()
+    torch.testing.assert_close(q.bias.grad, ref.bias.grad)
+    assert q.weight.grad is None
