@@ -185,7 +185,9 @@ class Allocator:
         state = self.layers.get(id(module))
         if state is None or grad.dim() == 0:
             return
-        per_sample = grad.detach().float().pow(2).flatten(1).sum(1).double().cpu()
+        dims = tuple(range(1, grad.dim()))
+        per_sample = torch.linalg.vector_norm(grad.detach(), 2, dim=dims, dtype=torch.float32)
+        per_sample = per_sample.double().cpu() ** 2
         mean = float(per_sample.mean()) if per_sample.numel() else 0.0
         state.grad_sq = mean if state.grad_sq is None else (
             self.momentum * state.grad_sq + (1 - self.momentum) * mean)

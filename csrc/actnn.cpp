@@ -13,6 +13,10 @@ TORCH_LIBRARY(actnn_mm, m) {
   m.def(
       "dequantize(Tensor data, Tensor meta, Tensor bits, Tensor offsets, SymInt num_samples, "
       "SymInt sample_size, int group_size, ScalarType dtype) -> Tensor");
+  // Exact packing of small integers (masks, indices): values: contiguous uint8 or bool, each
+  // below 2^bits; value i goes to bits [(i % k) * bits, ...) of byte i / k, k = 8 / bits.
+  m.def("pack_bits(Tensor values, int bits) -> Tensor");
+  m.def("unpack_bits(Tensor packed, int bits, SymInt numel) -> Tensor");
 }
 
 // Importing actnn_mm._C runs the registrations above; the module itself is empty but says

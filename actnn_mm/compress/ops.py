@@ -54,6 +54,14 @@ if _C is not None:
     def _dequantize_fake(data, meta, bits, offsets, num_samples, sample_size, group_size, dtype):
         return data.new_empty((num_samples, sample_size), dtype=dtype)
 
+    @torch.library.register_fake('actnn_mm::pack_bits')
+    def _pack_bits_fake(values, bits):
+        return values.new_empty(-(-values.numel() * bits // 8), dtype=torch.uint8)
+
+    @torch.library.register_fake('actnn_mm::unpack_bits')
+    def _unpack_bits_fake(packed, bits, numel):
+        return packed.new_empty(numel)
+
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
              seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +81,19 @@ def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offse
     _warn_fallback(data.device)
     return reference.dequantize(data, meta, bits, offsets, num_samples, sample_size, group_size,
                                 dtype)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Contiguous uint8/bool ``values`` below ``2**bits`` packed ``8 // bits`` per byte."""
+    if _extension_serves(values.device):
+        return torch.ops.actnn_mm.pack_bits(values, bits)
+    _warn_fallback(values.device)
+    return reference.pack_bits(values, bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The ``numel`` uint8 values :func:`pack_bits` packed."""
+    if _extension_serves(packed.device):
+        return torch.ops.actnn_mm.unpack_bits(packed, bits, numel)
+    _warn_fallback(packed.device)
+    return reference.unpack_bits(packed, bits, numel)

@@ -132,6 +132,21 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
     return data, meta
 
 
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    flat = values.reshape(-1).view(torch.uint8)
+    per_byte = 8 // bits
+    tail = (-flat.numel()) % per_byte
+    if tail:
+        flat = torch.cat([flat, flat.new_zeros(tail)])
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=values.device)
+    return ((flat.view(-1, per_byte) & (2**bits - 1)) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+
+
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
                num_samples: int, sample_size: int, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,6 @@ what torch would have kept (``actnn_full_bytes``); :func:`held_bytes` tells how 
 layers hold outside autograd's saved tensors right now, over all modules.
 """
 import dataclasses
-import functools
 import threading
 import weakref
 from typing import Dict, Optional, Tuple, Union
@@ -25,6 +24,7 @@ import torch
 
 from ..allocate import allocator
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
+from ..compress.ops import pack_bits, unpack_bits
 from ..config import config
 from ..stats import step_log
 
@@ -259,30 +259,16 @@ def _memory_order(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ..
     return x.contiguous(), None
 
 
-@functools.lru_cache(maxsize=None)
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """Bit offsets of the values in a byte packed at ``bits`` per value."""
-    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
-
-
 def pack_ints(t: torch.Tensor, bits: int) -> PackedInts:
     """Pack ``t`` (bool, or uint8 values below ``2**bits``) at ``bits`` (1, 2, 4 or 8) per value,
     in its memory order (no copy of the layout)."""
     ordered, permutation = _memory_order(t)
-    flat = ordered.reshape(-1).view(torch.uint8)
-    per_byte = 8 // bits
-    tail = (-flat.numel()) % per_byte
-    if tail:
-        flat = torch.cat([flat, flat.new_zeros(tail)])
-    data = (flat.view(-1, per_byte) << _shifts(bits, t.device)).sum(1, dtype=torch.uint8)
-    return PackedInts(data, t.shape, permutation, bits, t.dtype)
+    return PackedInts(pack_bits(ordered, bits), t.shape, permutation, bits, t.dtype)
 
 
 def unpack_ints(packed: PackedInts) -> torch.Tensor:
     """The tensor :func:`pack_ints` packed, with its shape, dtype and layout."""
-    shifts = _shifts(packed.bits, packed.data.device)
-    values = ((packed.data.unsqueeze(1) >> shifts) & (2**packed.bits - 1)).reshape(-1)
-    values = values[:packed.shape.numel()].view(packed.dtype)
+    values = unpack_bits(packed.data, packed.bits, packed.shape.numel()).view(packed.dtype)
     if packed.permutation is None:
         return values.reshape(packed.shape)
     order = packed.permutation

@@ -34,6 +34,11 @@ inline void check_float_dtype(at::ScalarType t) {
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+inline void check_pack_bits(int64_t bits) {
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8,
+              "actnn_mm: pack_bits takes 1, 2, 4 or 8 bits, got ", bits);
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
 }

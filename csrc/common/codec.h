@@ -136,6 +136,15 @@ ACTNN_HD float dequantize_value(uint32_t level, float mn, float scale) {
   return mn + float(level) * scale;
 }
 
+// Byte k of a packed stream of `count` small integers of `bits` bits each.
+ACTNN_HD uint8_t pack_byte(const uint8_t* values, int64_t count, int64_t k, int bits) {
+  const int per_byte = 8 / bits;
+  uint32_t byte = 0;
+  for (int i = 0; i < per_byte && k * per_byte + i < count; ++i)
+    byte |= (uint32_t(values[k * per_byte + i]) & ((1u << bits) - 1u)) << (i * bits);
+  return uint8_t(byte);
+}
+
 ACTNN_HD uint32_t unpack_value(const uint8_t* sample_data, int64_t j, int bits) {
   int64_t bit = j * bits;
   return (uint32_t(sample_data[bit >> 3]) >> (bit & 7)) & ((1u << bits) - 1u);

@@ -89,24 +89,6 @@ void quantize_levels(const float* values, int64_t len, float mn, float scale, in
   }
 }
 
-// Packs `len` levels of BITS bits into bytes (the trailing byte zero-padded).
-template <int BITS>
-void pack_levels(const uint8_t* levels, int64_t len, uint8_t* out) {
-  constexpr int kPerByte = 8 / BITS;
-  const int64_t full = len / kPerByte;
-  for (int64_t k = 0; k < full; ++k) {
-    uint32_t byte = 0;
-    for (int i = 0; i < kPerByte; ++i) byte |= uint32_t(levels[k * kPerByte + i]) << (i * BITS);
-    out[k] = uint8_t(byte);
-  }
-  if (full * kPerByte < len) {
-    uint32_t byte = 0;
-    for (int64_t i = 0; full * kPerByte + i < len; ++i)
-      byte |= uint32_t(levels[full * kPerByte + i]) << (i * BITS);
-    out[full] = uint8_t(byte);
-  }
-}
-
 // Unpacks and dequantizes `len` values of BITS bits starting at value `start` of a sample.
 template <int BITS, typename scalar_t>
 void dequantize_values(const uint8_t* sample_data, int64_t start, int64_t len, float mn,
@@ -157,7 +139,10 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
     quantize_levels(values.data(), len, bf16_to_float(p.min_bits), bf16_to_float(p.scale_bits),
                     max_level, key, uint64_t(first), stochastic, levels.data());
     uint8_t* out = data + offsets[n] + start * b / 8;
-    dispatch_bits(b, [&](auto bits_c) { pack_levels<decltype(bits_c)::value>(levels.data(), len, out); });
+    dispatch_bits(b, [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      for (int64_t k = 0; k * (8 / kBits) < len; ++k) out[k] = pack_byte(levels.data(), len, k, kBits);
+    });
   }
 }
 
@@ -227,11 +212,48 @@ at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const 
   return out;
 }
 
+at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits) {
+  check_pack_bits(bits);
+  TORCH_CHECK((values.scalar_type() == at::kByte || values.scalar_type() == at::kBool) &&
+                  values.is_contiguous(),
+              "actnn_mm: pack_bits expects a contiguous uint8 or bool tensor");
+  const int64_t count = values.numel(), per_byte = 8 / bits;
+  at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(values.const_data_ptr());
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, packed.numel(), 4096, [&](int64_t begin, int64_t end) {
+    dispatch_bits(int(bits), [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      for (int64_t k = begin; k < end; ++k) out[k] = pack_byte(in, count, k, kBits);
+    });
+  });
+  return packed;
+}
+
+at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t bits, int64_t numel) {
+  check_pack_bits(bits);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() * (8 / bits) >= numel,
+              "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
+  at::Tensor values = at::empty({numel}, packed.options());
+  const uint8_t* in = packed.const_data_ptr<uint8_t>();
+  uint8_t* out = values.data_ptr<uint8_t>();
+  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+    dispatch_bits(int(bits), [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      for (int64_t j = begin; j < end; ++j) out[j] = uint8_t(unpack_value(in, j, kBits));
+    });
+  });
+  return values;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
+  m.impl("pack_bits", &pack_bits_cpu);
+  m.impl("unpack_bits", &unpack_bits_cpu);
 }
 
 }  // namespace actnn

@@ -146,11 +146,52 @@ at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const
   return out;
 }
 
+__global__ void pack_bits_kernel(const uint8_t* values, int64_t count, int bits, int64_t bytes,
+                                 uint8_t* out) {
+  ACTNN_GRID_STRIDE_LOOP(k, bytes) { out[k] = pack_byte(values, count, k, bits); }
+}
+
+__global__ void unpack_bits_kernel(const uint8_t* packed, int bits, int64_t numel, uint8_t* out) {
+  ACTNN_GRID_STRIDE_LOOP(j, numel) { out[j] = uint8_t(unpack_value(packed, j, bits)); }
+}
+
+at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits) {
+  check_pack_bits(bits);
+  TORCH_CHECK((values.scalar_type() == at::kByte || values.scalar_type() == at::kBool) &&
+                  values.is_contiguous(),
+              "actnn_mm: pack_bits expects a contiguous uint8 or bool tensor");
+  c10::cuda::CUDAGuard guard(values.device());
+  const int64_t count = values.numel(), per_byte = 8 / bits;
+  at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
+  if (packed.numel() == 0) return packed;
+  pack_bits_kernel<<<blocks_for(packed.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint8_t*>(values.const_data_ptr()), count, int(bits), packed.numel(),
+      packed.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return packed;
+}
+
+at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t numel) {
+  check_pack_bits(bits);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() * (8 / bits) >= numel,
+              "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
+  c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor values = at::empty({numel}, packed.options());
+  if (numel == 0) return values;
+  unpack_bits_kernel<<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      packed.const_data_ptr<uint8_t>(), int(bits), numel, values.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return values;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
+  m.impl("pack_bits", &pack_bits_cuda);
+  m.impl("unpack_bits", &unpack_bits_cuda);
 }
 
 }  // namespace actnn

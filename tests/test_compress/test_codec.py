@@ -301,3 +301,41 @@ def test_accelerator_checks_are_deferred_to_dequantize(monkeypatch):
     quantize(torch.randn(2, 30), 2)
     with pytest.raises(ValueError, match='NaN or Inf'):
         quantize(bad_x, 2)  # the queue is full: checked now
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('bits', [1, 2, 4, 8])
+@pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 4097])
+def test_pack_bits_matches_reference(bits, numel):
+    g = torch.Generator().manual_seed(numel)
+    values = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.uint8)
+    packed = torch.ops.actnn_mm.pack_bits(values, bits)
+    assert torch.equal(packed, reference.pack_bits(values, bits))
+    assert packed.numel() == -(-numel * bits // 8)
+    assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, numel), values)
+    assert torch.equal(reference.unpack_bits(packed, bits, numel), values)
+    if bits == 1:
+        mask = values.bool()
+        assert torch.equal(torch.ops.actnn_mm.pack_bits(mask, 1), packed)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_pack_bits_checks_and_opcheck():
+    with pytest.raises(RuntimeError, match='1, 2, 4 or 8 bits'):
+        torch.ops.actnn_mm.pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+    with pytest.raises(RuntimeError, match='contiguous uint8 or bool'):
+        torch.ops.actnn_mm.pack_bits(torch.zeros(4), 1)
+    with pytest.raises(RuntimeError, match='holding 100 values'):
+        torch.ops.actnn_mm.unpack_bits(torch.zeros(4, dtype=torch.uint8), 2, 100)
+    values = torch.randint(0, 16, (37,), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.actnn_mm.pack_bits, (values, 4))
+    torch.library.opcheck(torch.ops.actnn_mm.unpack_bits, (reference.pack_bits(values, 4), 4, 37))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('bits', [1, 2, 4, 8])
+def test_pack_bits_cuda_matches_cpu(bits):
+    values = torch.randint(0, 2**bits, (1234,), dtype=torch.uint8)
+    packed = torch.ops.actnn_mm.pack_bits(values.cuda(), bits)
+    assert torch.equal(packed.cpu(), torch.ops.actnn_mm.pack_bits(values, bits))
+    assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, 1234).cpu(), values)
