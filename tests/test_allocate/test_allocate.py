@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from actnn_mm.allocate import BITS, allocate, mean_square_range
+from actnn_mm.allocate import BITS, allocate, mean_square_range, sum_of_squares
 
 
 def _variance(sensitivity, bits):
@@ -69,12 +69,23 @@ def test_deterministic_and_zero_sensitivity_safe():
 
 
 def test_group_range_term():
-    x = torch.zeros(2, 300)
-    x[0, :256] = torch.linspace(0, 2, 256)   # one group of range 2, the tail group constant
-    x[1, 256:] = torch.linspace(-1, 1, 44)   # only the short last group has a range
-    got = mean_square_range(x, 256)
-    assert torch.allclose(got, torch.tensor([2.0, 2.0], dtype=torch.float64))  # (2^2 + 0) / 2
+    x = torch.zeros(2, 556)
+    x[0, :256] = torch.linspace(0, 2, 256)   # ranges 2 and 0 in the two full groups
+    x[1, 256:512] = torch.linspace(-1, 1, 256)
+    x[1, 512:] = 100.0                       # the short tail group is not read
+    assert torch.allclose(mean_square_range(x, 256), torch.tensor([2.0, 2.0], dtype=torch.float64))
+    short = torch.tensor([[0.0, 3.0, 1.0]])   # shorter than a group: its own range
+    assert torch.allclose(mean_square_range(short, 256), torch.tensor([9.0], dtype=torch.float64))
     cl = torch.randn(3, 8, 5, 7).to(memory_format=torch.channels_last)
     assert torch.allclose(mean_square_range(cl, 64), mean_square_range(
         cl.permute(0, 2, 3, 1).contiguous(), 64))
     assert mean_square_range(torch.randn(0, 5), 8).shape == (0,)
+
+
+def test_estimates_from_evenly_spread_subsets():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1000 * 256) * torch.tensor([[0.1], [1.0], [3.0], [10.0]])
+    lo, hi = x.view(4, 1000, 256).aminmax(dim=2)
+    exact = (hi - lo).double().pow(2).mean(1)
+    assert torch.allclose(mean_square_range(x, 256), exact, rtol=0.05)
+    assert torch.allclose(sum_of_squares(x), x.double().pow(2).sum(1), rtol=0.05)
