@@ -17,6 +17,13 @@ from .layers import (QGELU, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, Q
 from .stats import stats
 
 __version__ = '0.1.0'
+
+try:  # the OpenMMLab glue, when mmengine is installed: `custom_imports=['actnn_mm']` loads it
+    import mmengine  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import mm  # noqa: F401
 __all__ = ['compress', 'config', 'set_optimization_level', 'QModule', 'convert', 'revert',
            'set_sample_indices', 'stats', 'compress_saved_tensors', 'report_uncompressed',
            'QConv1d', 'QConv2d', 'QConv3d', 'QConvTranspose1d', 'QConvTranspose2d',

@@ -1,0 +1,51 @@
+"""The ``actnn=dict(level=..., ...)`` key of any OpenMMLab config, turned into an ActNNHook."""
+from typing import Any, Iterator
+
+from mmengine.config import Config, ConfigDict
+
+from .hooks.actnn_hook import ActNNHook
+
+_PACK_SUFFIX = 'Inputs'  # PackDetInputs, PackSegInputs, PackInputs, ...
+
+
+def apply_actnn_key(cfg: Config) -> bool:
+    """Turn a config's top-level ``actnn`` dict into ``custom_imports`` and an ActNNHook.
+
+    Also adds ``sample_idx`` to the meta keys of the training pipeline's pack transforms, so the
+    adaptive allocator learns per sample. The hook's arguments are checked now, so a bad key or
+    level fails at start-up.
+
+    Args:
+        cfg: the config, changed in place.
+
+    Returns:
+        Whether the config had an ``actnn`` key.
+
+    Raises:
+        ValueError: an unknown level or setting in ``actnn``.
+    """
+    options = cfg.get('actnn')
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ValueError(f"actnn must be a dict such as dict(level='L3'), got {options!r}")
+    ActNNHook(**options)  # validates
+    imports = cfg.setdefault('custom_imports', ConfigDict(imports=[], allow_failed_imports=False))
+    if 'actnn_mm' not in imports.setdefault('imports', []):
+        imports['imports'].append('actnn_mm')
+    hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'ActNNHook']
+    cfg.custom_hooks = hooks + [dict(type='ActNNHook', **options)]
+    for transform in _train_pack_transforms(cfg):
+        keys = transform.get('meta_keys')
+        if keys is not None and 'sample_idx' not in keys:
+            transform['meta_keys'] = tuple(keys) + ('sample_idx',)
+    return True
+
+
+def _train_pack_transforms(cfg: Config) -> Iterator[Any]:
+    dataset = cfg.get('train_dataloader', {}).get('dataset', {})
+    while 'dataset' in dataset and 'pipeline' not in dataset:  # wrappers: RepeatDataset, ...
+        dataset = dataset['dataset']
+    for transform in dataset.get('pipeline', []):
+        if isinstance(transform, dict) and str(transform.get('type', '')).endswith(_PACK_SUFFIX):
+            yield transform

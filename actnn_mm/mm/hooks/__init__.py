@@ -1,0 +1,3 @@
+from .actnn_hook import ActNNHook
+
+__all__ = ['ActNNHook']

@@ -1,0 +1,95 @@
+"""ActNNHook: activation-compressed training for any mmengine Runner."""
+import dataclasses
+from typing import Any, Optional, Sequence
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from ...allocate import set_sample_indices
+from ...config import LEVELS, Config, config, set_optimization_level
+from ...convert import convert
+from ...generic import compress_saved_tensors
+from ...stats import stats
+from ..checkpoint import trust_directory
+
+# Knobs of actnn_mm.config that the hook may set besides the level.
+KNOBS = tuple(f.name for f in dataclasses.fields(Config) if f.name != 'level')
+
+
+@HOOKS.register_module()
+class ActNNHook(Hook):
+    """Compresses the activations kept for backward during training.
+
+    Before the run it sets the optimization level and converts the model (through DDP wrappers)
+    with :func:`actnn_mm.convert`: also the layers a codebase hard-codes (``nn.ReLU`` in ResNets,
+    ``nn.Conv2d`` in ``RPNHead``, the MoCo neck), besides those a config already built as ActNN
+    layers. Frozen layers and ``norm_eval`` BatchNorms keep working as before: the layers run the
+    plain op where nothing needs a gradient. Each training iteration passes the batch's
+    ``sample_idx`` to the adaptive allocator and, with ``generic``, compresses what other ops save
+    (attention, interpolation, ...). Validation and testing run without gradients, so nothing is
+    compressed there. The average bits, the MiB kept and the ratio to full precision are logged
+    as ``actnn/avg_bits``, ``actnn/mib`` and ``actnn/ratio``. Checkpoints in the run's work_dir
+    can be resumed under torch's ``weights_only`` default (see ``actnn_mm.mm.checkpoint``).
+
+    Args:
+        level: ActNN optimization level, 'L0'..'L5'.
+        generic: compress what non-ActNN ops save (default: at L3 and above).
+        **knobs: other :data:`actnn_mm.config` settings, e.g. ``group_size=128``.
+    """
+
+    priority = 'VERY_HIGH'  # convert before other hooks (e.g. EMA) copy the model
+
+    def __init__(self, level: str = 'L3', generic: Optional[bool] = None, **knobs: Any) -> None:
+        if level not in LEVELS:
+            raise ValueError(f'ActNNHook: unknown level {level!r}; valid levels: '
+                             f'{", ".join(LEVELS)}')
+        unknown = sorted(set(knobs) - set(KNOBS))
+        if unknown:
+            raise ValueError(f'ActNNHook: unknown settings {unknown}; valid: level, generic, '
+                             f'{", ".join(KNOBS)}')
+        self.level = level
+        self.generic = LEVELS.index(level) >= LEVELS.index('L3') if generic is None else bool(generic)
+        self.knobs = knobs
+        self._model = None
+        self._generic: Optional[compress_saved_tensors] = None
+
+    def before_run(self, runner: Any) -> None:
+        trust_directory(runner.work_dir)  # so that --resume can read what this run writes
+        set_optimization_level(self.level)
+        for name, value in self.knobs.items():
+            setattr(config, name, value)
+        self._model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        _, summary = convert(self._model)
+        runner.logger.info(str(summary))
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        set_sample_indices(_sample_indices(data_batch))
+        if self.generic:
+            self._generic = compress_saved_tensors(self._model).__enter__()
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        saved = full = 0
+        if self._generic is not None:
+            self._generic.__exit__(None, None, None)
+            saved, full = self._generic.stats.saved_bytes, self._generic.stats.full_bytes
+            self._generic = None
+        step = stats(self._model)
+        saved += step['compressed_bytes']
+        full += step['full_precision_bytes']
+        hub = runner.message_hub
+        if step['average_bits'] is not None:
+            hub.update_scalar('train/actnn/avg_bits', step['average_bits'])
+        hub.update_scalar('train/actnn/mib', saved / 2**20)
+        if saved:
+            hub.update_scalar('train/actnn/ratio', full / saved)
+
+
+def _sample_indices(data_batch: Any) -> Optional[Sequence[int]]:
+    """The dataset indices of a batch's samples, if the pack transform kept ``sample_idx``."""
+    samples = data_batch.get('data_samples') if isinstance(data_batch, dict) else None
+    if not samples:
+        return None
+    indices = [getattr(s, 'metainfo', {}).get('sample_idx') for s in samples]
+    return None if any(i is None for i in indices) else indices
