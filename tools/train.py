@@ -40,6 +40,10 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     apply_actnn_key(cfg)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        collate = (cfg.get(loader) or {}).get('collate_fn')
+        if isinstance(collate, dict):  # mmengine tags configs inherited across codebases with
+            collate.pop('_scope_', None)  # _scope_, which the Runner passes on to the function
     cfg.launcher = args.launcher
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir

@@ -1,5 +1,5 @@
 """OpenMMLab 2.0 glue: registry names, ActNNHook, the ``actnn=`` config key, CPU-DDP helpers."""
-from . import registry
+from . import compat, registry
 from .checkpoint import trust_directory
 from .config import apply_actnn_key
 from .dist import setup_cpu_distributed

@@ -1,7 +1,10 @@
 """The ``actnn=dict(level=..., ...)`` key of any OpenMMLab config, turned into an ActNNHook."""
-from typing import Any, Iterator
+import importlib
+import inspect
+from typing import Any, Iterator, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
+from mmengine.registry import TRANSFORMS
 
 from .hooks.actnn_hook import ActNNHook
 
@@ -36,10 +39,24 @@ def apply_actnn_key(cfg: Config) -> bool:
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'ActNNHook']
     cfg.custom_hooks = hooks + [dict(type='ActNNHook', **options)]
     for transform in _train_pack_transforms(cfg):
-        keys = transform.get('meta_keys')
+        keys = transform.get('meta_keys') or _default_meta_keys(transform['type'],
+                                                               cfg.get('default_scope'))
         if keys is not None and 'sample_idx' not in keys:
             transform['meta_keys'] = tuple(keys) + ('sample_idx',)
     return True
+
+
+def _default_meta_keys(name: str, scope: Optional[str]) -> Optional[Tuple[str, ...]]:
+    """The ``meta_keys`` a pack transform keeps when the config does not list them."""
+    if scope is not None and '.' not in name:
+        importlib.import_module(f'{scope}.registry')  # the codebase's lazily filled registries
+        name = f'{scope}.{name}'
+    transform = TRANSFORMS.get(name)
+    if transform is None:
+        return None
+    default = inspect.signature(transform).parameters.get('meta_keys')
+    return None if default is None or default.default is inspect.Parameter.empty else \
+        tuple(default.default)
 
 
 def _train_pack_transforms(cfg: Config) -> Iterator[Any]:

@@ -17,6 +17,8 @@
 #   (ActNNHook) converts the hard-coded nn.ReLU/nn.MaxPool2d of ResNet and the MoCoV2Neck
 #   (nn.Linear, nn.ReLU; it takes no layer configs).
 # - No frozen stages, norm_eval=False (training from scratch, as upstream). Level L3.
+# - With numpy >= 2, mmcv 2.1.0's adjust_hue (ColorJitter hue=0.1 upstream) fails for negative
+#   hue factors; importing actnn_mm fixes it (see docs/openmmlab.md, Known issues).
 _base_ = 'mmpretrain::mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'
 
 model = dict(

@@ -184,3 +184,16 @@ log_processor = dict(by_epoch=False)
 def test_two_cpu_processes_train_moco_preset_identically(demo_data, tmp_path):
     base = os.path.join(PRESET_DIR, 'moco_r50_v2_2gpu.py')
     _assert_identical(_dist_weights(tmp_path, MOCO_TEST_CONFIG.format(base=base, data=demo_data)))
+
+
+def test_train_config_drops_scope_from_collate_fn(tmp_path):
+    import argparse
+    sys.path.insert(0, TOOLS)
+    from train import build_config
+
+    config = write(tmp_path / 'moco.py',
+                   "_base_ = 'mmpretrain::mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'\n")
+    args = argparse.Namespace(config=config, cfg_options=None, launcher='none', work_dir=None,
+                              amp=False, auto_scale_lr=False, resume=None)
+    cfg = build_config(args)
+    assert cfg.train_dataloader.collate_fn == {'type': 'default_collate'}
