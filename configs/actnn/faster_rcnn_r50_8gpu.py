@@ -23,21 +23,7 @@
 #     RPNHead's nn.Conv2d and Shared2FCBBoxHead's nn.Linear/nn.ReLU.
 # - frozen_stages=1, norm_eval=True as upstream (frozen layers keep nothing).
 # - Level L3: 2 bits on average with per-sample, per-layer mixed precision (ActNN's default).
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+_base_ = './faster_rcnn_r50_1gpu.py'
 
-model = dict(
-    backbone=dict(
-        frozen_stages=1,
-        norm_eval=True,
-        conv_cfg=dict(type='QConv2d'),
-        norm_cfg=dict(type='QBN', requires_grad=True),
-        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')),
-    neck=dict(conv_cfg=dict(type='QConv2d')))
-
-# 8 GPUs x 2 images = 16, the official total batch.
+# 8 GPUs x 2 images = the official total batch of 16: the 1-GPU preset's lr and schedule.
 train_dataloader = dict(batch_size=2, num_workers=2)
-
-optim_wrapper = dict(optimizer=dict(lr=0.02))
-auto_scale_lr = dict(enable=False, base_batch_size=16)
-
-actnn = dict(level='L3')

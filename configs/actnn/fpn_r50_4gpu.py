@@ -16,24 +16,9 @@
 #   ResNetV1c and the head's nn.Conv2d classifier.
 # - norm_eval=False, no frozen stages, as upstream. Level L3 (ActNN's default).
 # - Pretrained backbone `open-mmlab://resnet50_v1c` inherited from upstream.
-_base_ = 'mmseg::sem_fpn/fpn_r50_4xb2-80k_cityscapes-512x1024.py'
+_base_ = './fpn_r50_1gpu.py'
 
-norm_cfg = dict(type='QSyncBN', requires_grad=True)
-model = dict(
-    backbone=dict(
-        norm_eval=False,
-        conv_cfg=dict(type='QConv2d'),
-        norm_cfg=norm_cfg),
-    neck=dict(conv_cfg=dict(type='QConv2d')),
-    decode_head=dict(
-        conv_cfg=dict(type='QConv2d'),
-        norm_cfg=norm_cfg,
-        act_cfg=dict(type='QReLU')))
-
-# 4 GPUs x 2 crops = 8, the official total batch.
+# Batch statistics over all processes (QSyncBN), 4 GPUs x 2 images = the official total of 8.
+sync_bn = dict(type='QSyncBN', requires_grad=True)
+model = dict(backbone=dict(norm_cfg=sync_bn), decode_head=dict(norm_cfg=sync_bn))
 train_dataloader = dict(batch_size=2, num_workers=2)
-
-optim_wrapper = dict(optimizer=dict(lr=0.01))
-auto_scale_lr = dict(enable=False, base_batch_size=8)
-
-actnn = dict(level='L3')

@@ -19,26 +19,9 @@
 # - No frozen stages, norm_eval=False (training from scratch, as upstream). Level L3.
 # - With numpy >= 2, mmcv 2.1.0's adjust_hue (ColorJitter hue=0.1 upstream) fails for negative
 #   hue factors; importing actnn_mm fixes it (see docs/openmmlab.md, Known issues).
-_base_ = 'mmpretrain::mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'
+_base_ = './moco_r50_v2_1gpu.py'
 
-model = dict(
-    backbone=dict(
-        frozen_stages=-1,
-        norm_eval=False,
-        conv_cfg=dict(type='QConv2d'),
-        norm_cfg=dict(type='QSyncBN', requires_grad=True)))
-
-# 2 GPUs x 256 = 512.
-train_dataloader = dict(
-    batch_size=256,
-    num_workers=8,
-    # Restated without the `_scope_` key that mmengine adds to every typed dict of a base from
-    # another package ('mmpretrain::...'): the Runner passes a collate_fn's keys to the function
-    # itself, and default_collate() refuses `_scope_`.
-    collate_fn=dict(_delete_=True, type='default_collate'))
-
-# Linear scaling rule: 0.03 at 256 -> 0.06 at 512.
+# 2 GPUs x 256 images = 512 with batch statistics over both (QSyncBN) and the lr scaled linearly.
+model = dict(backbone=dict(norm_cfg=dict(type='QSyncBN', requires_grad=True)))
 optim_wrapper = dict(optimizer=dict(lr=0.06))
-auto_scale_lr = dict(enable=False, base_batch_size=512)  # the total batch lr 0.06 is meant for
-
-actnn = dict(level='L3')
+auto_scale_lr = dict(base_batch_size=512)  # the total batch lr 0.06 is meant for
