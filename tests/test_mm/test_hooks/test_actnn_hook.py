@@ -71,6 +71,26 @@ def test_hook_converts_trains_and_logs(tmp_path):
     assert scalars['train/actnn/mib'].current() > 0
 
 
+def test_validation_and_testing_stay_uncompressed(tmp_path):
+    """Without gradients (mmengine's val/test loops run under no_grad) the converted layers run
+    the plain ops: nothing is kept and the outputs equal the plain model's, bit for bit."""
+    import copy
+
+    from actnn_mm.stats import step_log
+
+    runner = toy_runner(tmp_path, level='L3')
+    runner.train()
+    model = runner.model.eval()
+    plain = actnn_mm.revert(copy.deepcopy(model))
+    assert not any(type(m).__name__.startswith('Q') for m in plain.modules())
+    inputs = [ToyData()[i]['inputs'] for i in range(4)]
+    step_log.begin_step()
+    with torch.no_grad():
+        out = model(inputs)
+        assert torch.equal(out, plain(inputs))
+    assert actnn_mm.stats(model)['compressed_bytes'] == 0
+
+
 def test_hook_level_and_knobs(tmp_path):
     runner = toy_runner(tmp_path, level='L2', group_size=64)
     runner.train()
