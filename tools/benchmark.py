@@ -255,36 +255,46 @@ def _device() -> torch.device:
 
 
 class _TrainingMemory:
-    """Memory a training step takes above what is held when this is made, on one device.
+    """Memory a training step takes above what is held on entry, on one device (a context).
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated at the start. On the
-    CPU: the peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) above the resident
-    set at the start; run under ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave it at once.
-    On the CPU a thread also watches the resident set and calls ``over_budget`` (which should end
-    the process) as soon as it passes ``budget``, as a CUDA allocation would fail.
+    On CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated on entry. On the CPU:
+    the peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) above the resident set
+    on entry; run under ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave it at once. On the
+    CPU a thread also watches the resident set and calls ``over_budget`` once (it may end the
+    process) as soon as it passes ``budget`` (bytes), as a CUDA allocation would fail.
     """
 
-    def __init__(self, device: torch.device, budget: int,
+    def __init__(self, device: torch.device, budget: Optional[int],
                  over_budget: Callable[[int], None]) -> None:
         self.device = device
+        self.budget = budget
+        self.over_budget = over_budget
+        self.done = threading.Event()
+
+    def __enter__(self) -> '_TrainingMemory':
         gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-            self.base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            return
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if self.budget is None:
+            raise ValueError('a budget is needed on the CPU: nothing else stops the process')
         self.base = _rss_bytes()
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # resets the peak resident set
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
 
-        def watch() -> None:
-            while True:
-                used = _rss_bytes() - self.base
-                if used > budget:
-                    over_budget(used)
-                time.sleep(0.002)
+    def __exit__(self, *exc_info: object) -> None:
+        self.done.set()
 
-        threading.Thread(target=watch, daemon=True).start()
+    def _watch(self) -> None:
+        while not self.done.wait(0.002):
+            used = _rss_bytes() - self.base
+            if used > self.budget:
+                self.over_budget(used)
+                return
 
     def peak(self) -> int:
         """Peak bytes above the start so far."""
@@ -299,17 +309,19 @@ def maxbatch_probe(args: argparse.Namespace) -> None:
     """One method and batch size in a fresh process: 2 training steps, the second timed.
 
     Prints one JSON line: the batch, whether the peak training memory (above the model, its
-    gradients, the optimizer state and the batch) passed the budget, that peak and images/s.
+    gradients, the optimizer state and the batch) passed the budget (on CUDA also: allocation
+    failed), that peak and images/s.
     """
     device = _device()
-    budget = args.budget * 2**20
+    budget = args.budget and args.budget * 2**20
     run = _training(args.method, args.batch, args.image_size, device)
     for p in run.model.parameters():
         p.grad = torch.zeros_like(p)
     run.optimizer.step()  # zero gradients: creates the momentum buffers, changes no weight
 
     def report(peak: int, seconds: Optional[float] = None) -> None:
-        print(json.dumps({'batch': args.batch, 'oom': seconds is None or peak > budget,
+        print(json.dumps({'batch': args.batch,
+                          'oom': seconds is None or bool(budget and peak > budget),
                           'peak_bytes': peak,
                           'images_per_second': None if seconds is None
                           else args.batch / seconds}), flush=True)
@@ -323,12 +335,12 @@ def maxbatch_probe(args: argparse.Namespace) -> None:
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
 
-    memory = _TrainingMemory(device, budget, over_budget)
-    try:
-        seconds = _median_seconds(step, 1)  # a warm-up step, then a timed one
-    except torch.cuda.OutOfMemoryError:
-        seconds = None
-    report(memory.peak(), seconds)
+    with _TrainingMemory(device, budget, over_budget) as memory:
+        try:
+            seconds = _median_seconds(step, 1)  # a warm-up step, then a timed one
+        except torch.cuda.OutOfMemoryError:
+            seconds = None
+        report(memory.peak(), seconds)
 
 
 def _probe_batch(method: str, batch: int, args: argparse.Namespace) -> Dict:
@@ -336,7 +348,9 @@ def _probe_batch(method: str, batch: int, args: argparse.Namespace) -> Dict:
     its out-of-memory killer) counts as out of memory."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed memory leaves RSS at once
     cmd = [sys.executable, __file__, '_maxbatch_probe', '--method', method, '--batch', str(batch),
-           '--image-size', str(args.image_size), '--budget', str(args.budget)]
+           '--image-size', str(args.image_size)]
+    if args.budget:
+        cmd += ['--budget', str(args.budget)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode == -signal.SIGKILL:
         return {'batch': batch, 'oom': True, 'peak_bytes': None, 'images_per_second': None}
@@ -347,7 +361,8 @@ def _probe_batch(method: str, batch: int, args: argparse.Namespace) -> Dict:
 
 def _search_max_batch(method: str, args: argparse.Namespace) -> Dict:
     """Largest batch of ``method`` within the budget: doubling from ``--start`` up to the first
-    out-of-memory size, then bisection until the gap is within ``--tolerance`` of the answer."""
+    out-of-memory size, then bisection until the gap is within ``--tolerance`` of the answer.
+    0 if ``--start`` is out of memory already."""
     tried: List[Dict] = []
     fits, oom = 0, None
     with tqdm(desc=f'{method:>4}', unit='probe', leave=False) as bar:
@@ -363,7 +378,7 @@ def _search_max_batch(method: str, args: argparse.Namespace) -> Dict:
                 fits, batch = batch, 2 * batch
             else:
                 oom = batch
-        while oom is not None and oom - fits > max(1, int(args.tolerance * fits)):
+        while fits and oom is not None and oom - fits > max(1, int(args.tolerance * fits)):
             batch = (fits + oom) // 2
             if probe(batch):
                 fits = batch
@@ -391,40 +406,52 @@ def _plot_maxbatch(result: Dict) -> str:
                 ax.plot(row['first_oom'], row['images_per_second'], 'x', color=line.get_color(),
                         markersize=9, markeredgewidth=2)
     ax.set_xscale('log', base=2)
+    ax.xaxis.set_major_formatter('{x:.0f}')
     ax.set_xlabel('batch size')
     ax.set_ylabel('throughput (images/s)')
+    budget = (f"{result['budget_mib']} MiB training-memory budget" if result['budget_mib']
+              else 'device memory')
     ax.set_title(f"ResNet-50 {result['image_size']}x{result['image_size']} on "
-                 f"{result['device']}, {result['budget_mib']} MiB training-memory budget "
-                 f"(x: out of memory)")
+                 f"{result['device']}, {budget} (x: out of memory)")
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
     return _save_figure(fig, 'maxbatch')
 
 
+# L4 and L5 only differ from L3 on CUDA (swap to CPU memory, allocator setting).
+MAXBATCH_METHODS = ('FP32', 'AMP', 'CP', 'L1', 'L2', 'L3')
+
+
 def maxbatch(args: argparse.Namespace) -> Dict:
     """Largest batch under the memory budget and throughput at each batch tried, per method."""
     device = _device()
-    methods = args.methods or (['FP32', 'AMP', 'CP', 'L1', 'L2', 'L3', 'L4', 'L5']
-                               if device.type == 'cuda' else ['FP32', 'AMP', 'CP', 'L1', 'L2',
-                                                              'L3'])
-    rows = []
-    for method in tqdm(methods, desc='maxbatch', unit='method'):
-        rows.append(_search_max_batch(method, args))
+    if device.type == 'cpu' and not args.budget:
+        args.budget = 512
+    methods = args.methods or list(MAXBATCH_METHODS) + (['L4', 'L5'] if device.type == 'cuda'
+                                                         else [])
+    load = [os.getloadavg()[0]]  # throughput is only comparable on an otherwise idle machine
+    rows = [_search_max_batch(method, args)
+            for method in tqdm(methods, desc='maxbatch', unit='method')]
+    load.append(os.getloadavg()[0])
     base = next((r['max_batch'] for r in rows if r['method'] == 'FP32'), 0)
+    budget = (f'budget {args.budget} MiB of training memory (peak above model, gradients, '
+              f'optimizer state and batch)' if args.budget else 'all device memory')
     print(f'mmpretrain ResNet-50 at {args.image_size}x{args.image_size} on {device.type}, '
-          f'{torch.get_num_threads()} threads, budget {args.budget} MiB of training memory '
-          f'(peak above model, gradients, optimizer state and batch)')
+          f'{torch.get_num_threads()} threads, {budget}; load average {load[0]:.1f} at the '
+          f'start, {load[1]:.1f} at the end')
     print(f"{'method':>6} | {'max batch':>9} | {'x FP32':>7} | {'first OOM':>9} | "
           f"{'images/s':>8} | {'peak MiB':>8} | {'probes':>6}")
     for r in rows:
         ratio = f"{r['max_batch'] / base:.2f}x" if base else '-'
+        most = r['max_batch'] or f'<{args.start}'
         oom = r['first_oom'] if r['first_oom'] is not None else f">{args.max_batch}"
         speed = f"{r['images_per_second']:.1f}" if r['images_per_second'] else '-'
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r['peak_bytes'] else '-'
-        print(f"{r['method']:>6} | {r['max_batch']:>9} | {ratio:>7} | {oom:>9} | {speed:>8} | "
+        print(f"{r['method']:>6} | {most:>9} | {ratio:>7} | {oom:>9} | {speed:>8} | "
               f"{peak:>8} | {len(r['tried']):>6}")
     result = {'model': 'resnet50', 'device': device.type, 'image_size': args.image_size,
-              'budget_mib': args.budget, 'threads': torch.get_num_threads(), 'rows': rows}
+              'budget_mib': args.budget, 'threads': torch.get_num_threads(),
+              'load_average': load, 'rows': rows}
     print('saved', _save('maxbatch', result), _plot_maxbatch(result))
     return result
 
@@ -453,13 +480,14 @@ def main() -> None:
     for name, run in (('maxbatch', maxbatch), ('_maxbatch_probe', maxbatch_probe)):
         p = studies.add_parser(name, help='largest batch under a memory budget, and throughput'
                                if name == 'maxbatch' else argparse.SUPPRESS)
-        p.add_argument('--budget', type=int, default=512,
+        p.add_argument('--budget', type=int,
                        help='MiB of training memory: the peak above what the model, its '
-                       'gradients, the optimizer state and the batch hold')
+                       'gradients, the optimizer state and the batch hold (default: 512 on the '
+                       'CPU, the device memory on CUDA)')
         p.add_argument('--image-size', type=int, default=64)
         if name == 'maxbatch':
             p.add_argument('--methods', nargs='+', choices=METHODS,
-                           help='default: FP32 AMP CP L1 L2 L3, and L4 L5 on CUDA')
+                           help=f'default: {" ".join(MAXBATCH_METHODS)}, and L4 L5 on CUDA')
             p.add_argument('--start', type=int, default=8, help='first batch size tried')
             p.add_argument('--max-batch', type=int, default=16384, help='largest batch tried')
             p.add_argument('--tolerance', type=float, default=0.05,
