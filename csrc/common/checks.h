@@ -39,8 +39,43 @@ inline void check_pack_bits(int64_t bits) {
               "actnn_mm: pack_bits takes 1, 2, 4 or 8 bits, got ", bits);
 }
 
+inline void check_pack_args(const at::Tensor& values, int64_t bits) {
+  check_pack_bits(bits);
+  TORCH_CHECK((values.scalar_type() == at::kByte || values.scalar_type() == at::kBool) &&
+                  values.is_contiguous(),
+              "actnn_mm: pack_bits expects a contiguous uint8 or bool tensor");
+}
+
+inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t numel) {
+  check_pack_bits(bits);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() * (8 / bits) >= numel,
+              "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
+}
+
+inline void check_quantize_args(const at::Tensor& x, const at::Tensor& bits,
+                                const at::Tensor& offsets, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
+              "actnn_mm: quantize expects a contiguous (N, M) tensor");
+  check_float_dtype(x.scalar_type());
+  check_stream_args(bits, offsets, x.size(0), group_size, x.device());
+}
+
+inline void check_dequantize_args(const at::Tensor& data, const at::Tensor& meta,
+                                  const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
+                                  int64_t sample_size, int64_t group_size, at::ScalarType dtype) {
+  check_float_dtype(dtype);
+  check_stream_args(bits, offsets, n, group_size, data.device());
+  const int64_t groups = n * num_groups(sample_size, group_size);
+  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
+              "actnn_mm: data must be a contiguous uint8 vector");
+  TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) &&
+                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
+              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (", groups, ", 2)");
 }
 
 }  // namespace actnn

@@ -150,10 +150,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const at::T
                                                 const at::Tensor& offsets, int64_t group_size,
                                                 int64_t seed, bool stochastic,
                                                 int64_t total_bytes) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "actnn_mm: quantize expects a contiguous (N, M) tensor");
-  check_float_dtype(x.scalar_type());
+  check_quantize_args(x, bits, offsets, group_size);
   const int64_t n = x.size(0), sample_size = x.size(1);
-  check_stream_args(bits, offsets, n, group_size, x.device());
   check_stream_values(bits.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), n, sample_size,
                       total_bytes);
 
@@ -177,15 +175,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const at::T
 at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
                           const at::Tensor& offsets, int64_t n, int64_t sample_size,
                           int64_t group_size, at::ScalarType dtype) {
-  check_float_dtype(dtype);
-  check_stream_args(bits, offsets, n, group_size, data.device());
+  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
   const int64_t groups = n * groups_per_sample;
-  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
-              "actnn_mm: data must be a contiguous uint8 vector");
-  TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) &&
-                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
-              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (", groups, ", 2)");
   check_stream_values(bits.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), n, sample_size,
                       data.numel());
 
@@ -213,10 +205,7 @@ at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const 
 }
 
 at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits) {
-  check_pack_bits(bits);
-  TORCH_CHECK((values.scalar_type() == at::kByte || values.scalar_type() == at::kBool) &&
-                  values.is_contiguous(),
-              "actnn_mm: pack_bits expects a contiguous uint8 or bool tensor");
+  check_pack_args(values, bits);
   const int64_t count = values.numel(), per_byte = 8 / bits;
   at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
   const uint8_t* in = reinterpret_cast<const uint8_t*>(values.const_data_ptr());
@@ -231,10 +220,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits) {
 }
 
 at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t bits, int64_t numel) {
-  check_pack_bits(bits);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() * (8 / bits) >= numel,
-              "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
+  check_unpack_args(packed, bits, numel);
   at::Tensor values = at::empty({numel}, packed.options());
   const uint8_t* in = packed.const_data_ptr<uint8_t>();
   uint8_t* out = values.data_ptr<uint8_t>();

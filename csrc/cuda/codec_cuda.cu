@@ -92,10 +92,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::
                                                  const at::Tensor& offsets, int64_t group_size,
                                                  int64_t seed, bool stochastic,
                                                  int64_t total_bytes) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "actnn_mm: quantize expects a contiguous (N, M) tensor");
-  check_float_dtype(x.scalar_type());
+  check_quantize_args(x, bits, offsets, group_size);
   const int64_t n = x.size(0), sample_size = x.size(1);
-  check_stream_args(bits, offsets, n, group_size, x.device());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
   const int64_t groups = n * groups_per_sample;
@@ -122,15 +120,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::
 at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
                            const at::Tensor& offsets, int64_t n, int64_t sample_size,
                            int64_t group_size, at::ScalarType dtype) {
-  check_float_dtype(dtype);
-  check_stream_args(bits, offsets, n, group_size, data.device());
+  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
-  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
-              "actnn_mm: data must be a contiguous uint8 vector");
-  TORCH_CHECK(meta.sizes() == at::IntArrayRef({n * groups_per_sample, 2}) &&
-                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
-              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (",
-              n * groups_per_sample, ", 2)");
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
   if (out.numel() == 0) return out;
@@ -156,10 +147,7 @@ __global__ void unpack_bits_kernel(const uint8_t* packed, int bits, int64_t nume
 }
 
 at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits) {
-  check_pack_bits(bits);
-  TORCH_CHECK((values.scalar_type() == at::kByte || values.scalar_type() == at::kBool) &&
-                  values.is_contiguous(),
-              "actnn_mm: pack_bits expects a contiguous uint8 or bool tensor");
+  check_pack_args(values, bits);
   c10::cuda::CUDAGuard guard(values.device());
   const int64_t count = values.numel(), per_byte = 8 / bits;
   at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
@@ -172,10 +160,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits) {
 }
 
 at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t numel) {
-  check_pack_bits(bits);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() * (8 / bits) >= numel,
-              "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
+  check_unpack_args(packed, bits, numel);
   c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor values = at::empty({numel}, packed.options());
   if (numel == 0) return values;
