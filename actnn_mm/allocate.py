@@ -24,6 +24,7 @@ dataset index when the loader tells which samples are in the batch
 (:func:`set_sample_indices`), else a running average of the batch's mean per layer.
 """
 import dataclasses
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -142,7 +143,9 @@ class Allocator:
 
     def __init__(self, momentum: float = 0.9) -> None:
         self.momentum = momentum
-        self.layers: Dict[int, _LayerState] = {}
+        # by module, weakly: a new model must not inherit a dead one's state through a reused id
+        self.layers: 'weakref.WeakKeyDictionary[torch.nn.Module, _LayerState]' = \
+            weakref.WeakKeyDictionary()
         self.sample_indices: Optional[torch.Tensor] = None
         # per dataset index: its gradient magnitude relative to its batch, and whether known
         self.sample_scale = torch.ones(0, dtype=torch.float64)
@@ -189,7 +192,7 @@ class Allocator:
             across_layers: whether the layer's share of the budget is re-balanced against other
                 layers (convolution and linear inputs), or stays ``budget``.
         """
-        state = self.layers.setdefault(id(module), _LayerState(across_layers=across_layers))
+        state = self.layers.setdefault(module, _LayerState(across_layers=across_layers))
         n = x.shape[0] if x.dim() else 1
         if self._step_indices is None:  # indices given before the first step's forward
             self._step_indices = self.sample_indices
@@ -204,7 +207,7 @@ class Allocator:
 
     def observe_grad(self, module: torch.nn.Module, grad: torch.Tensor) -> None:
         """Record the gradient flowing back into ``module``'s output (dim 0 = samples)."""
-        state = self.layers.get(id(module))
+        state = self.layers.get(module)
         if state is None or grad.dim() == 0:
             return
         per_sample = sum_of_squares(grad)

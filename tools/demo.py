@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-from mmengine.config import Config
 from mmengine.runner import Runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,13 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 
 import benchmark
-from conftest import TOOLS
 
 
 def maxbatch_args(**overrides):
@@ -59,18 +56,6 @@ def test_maxbatch_saves_table_json_and_plot(fake_probes, out_dir, capsys):
     assert (out_dir / 'maxbatch.png').stat().st_size > 0
 
 
-def test_training_memory_peak_and_over_budget_watch():
-    calls = []
-    with benchmark._TrainingMemory(torch.device('cpu'), 64 * 2**20, calls.append) as memory:
-        x = torch.ones(32 * 2**20)  # 128 MiB, mapped and touched
-        deadline = time.monotonic() + 5
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert memory.peak() >= 128 * 2**20
-    del x
-    assert len(calls) == 1 and calls[0] > 64 * 2**20
-
-
 def test_probe_in_a_subprocess():
     result = benchmark._probe_batch('L3', 2, maxbatch_args())
     assert result['batch'] == 2 and not result['oom'] and result['images_per_second'] > 0
@@ -80,8 +65,8 @@ def test_probe_in_a_subprocess():
 @pytest.mark.slow
 def test_maxbatch_command_tiny_run(tmp_path):
     """The command end to end, results under the working directory's work_dirs/bench/."""
-    cmd = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), 'maxbatch', '--budget', '96',
-           '--image-size', '32', '--methods', 'FP32', 'L3', '--start', '4', '--tolerance', '0.25']
+    cmd = [sys.executable, os.path.abspath(benchmark.__file__), 'maxbatch', '--budget', '64',
+           '--image-size', '32', '--methods', 'FP32', 'L3', '--start', '8', '--tolerance', '0.5']
     out = subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     result = json.loads((tmp_path / 'work_dirs' / 'bench' / 'maxbatch.json').read_text())
     fp32, l3 = (row['max_batch'] for row in result['rows'])

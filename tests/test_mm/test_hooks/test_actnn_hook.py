@@ -1,5 +1,4 @@
 """ActNNHook and the `actnn=` config key, on a toy mmengine Runner (fast)."""
-import logging
 
 import pytest
 import torch
