@@ -27,37 +27,35 @@ from test_mm.conftest import PRESET_DIR, REPO, TOOLS
 Preset = collections.namedtuple(
     'Preset', 'upstream gpus total_batch lr norm pretrained config_route')
 
-MMDET_R50 = 'torchvision://resnet50'
-MMSEG_R50 = 'open-mmlab://resnet50_v1c'
 # For each preset: its upstream config, GPU count, total batch the lr is meant for, that lr,
 # the backbone's norm layer, the pretrained checkpoint, and the submodules whose every conv
 # (and, for the backbone, every BN) the config route must already have built as ActNN layers.
 PRESETS = {
     'faster_rcnn_r50_1gpu': Preset('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-                                   1, 16, 0.02, 'QBatchNorm2d', MMDET_R50, ('backbone', 'neck')),
+                                   1, 16, 0.02, 'QBatchNorm2d', 'upstream', ('backbone', 'neck')),
     'faster_rcnn_r50_8gpu': Preset('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-                                   8, 16, 0.02, 'QBatchNorm2d', MMDET_R50, ('backbone', 'neck')),
+                                   8, 16, 0.02, 'QBatchNorm2d', 'upstream', ('backbone', 'neck')),
     'retinanet_r50_1gpu': Preset('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
-                                 1, 16, 0.01, 'QBatchNorm2d', MMDET_R50,
+                                 1, 16, 0.01, 'QBatchNorm2d', 'upstream',
                                  ('backbone', 'neck', 'bbox_head.cls_convs',
                                   'bbox_head.reg_convs')),
     'retinanet_r50_8gpu': Preset('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
-                                 8, 16, 0.01, 'QBatchNorm2d', MMDET_R50,
+                                 8, 16, 0.01, 'QBatchNorm2d', 'upstream',
                                  ('backbone', 'neck', 'bbox_head.cls_convs',
                                   'bbox_head.reg_convs')),
     'fcn_r50_1gpu': Preset('mmseg::fcn/fcn_r50-d8_4xb2-80k_cityscapes-512x1024.py',
-                           1, 8, 0.01, 'QBatchNorm2d', MMSEG_R50,
+                           1, 8, 0.01, 'QBatchNorm2d', 'upstream',
                            ('backbone', 'decode_head.convs', 'decode_head.conv_cat',
                             'auxiliary_head.convs')),
     'fcn_r50_4gpu': Preset('mmseg::fcn/fcn_r50-d8_4xb2-80k_cityscapes-512x1024.py',
-                           4, 8, 0.01, 'QSyncBatchNorm', MMSEG_R50,
+                           4, 8, 0.01, 'QSyncBatchNorm', 'upstream',
                            ('backbone', 'decode_head.convs', 'decode_head.conv_cat',
                             'auxiliary_head.convs')),
     'fpn_r50_1gpu': Preset('mmseg::sem_fpn/fpn_r50_4xb2-80k_cityscapes-512x1024.py',
-                           1, 8, 0.01, 'QBatchNorm2d', MMSEG_R50,
+                           1, 8, 0.01, 'QBatchNorm2d', 'upstream',
                            ('backbone', 'neck', 'decode_head.scale_heads')),
     'fpn_r50_4gpu': Preset('mmseg::sem_fpn/fpn_r50_4xb2-80k_cityscapes-512x1024.py',
-                           4, 8, 0.01, 'QSyncBatchNorm', MMSEG_R50,
+                           4, 8, 0.01, 'QSyncBatchNorm', 'upstream',
                            ('backbone', 'neck', 'decode_head.scale_heads')),
     'moco_r50_v2_1gpu': Preset('mmpretrain::mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py',
                                1, 256, 0.03, 'QBatchNorm2d', None, ('backbone', 'encoder_k')),
@@ -136,10 +134,11 @@ def test_preset_inherits_upstream_and_keeps_its_recipe(name):
     # to typed dicts inherited from another package's config) may reach it.
     assert '_scope_' not in cfg.train_dataloader.get('collate_fn', {})
     # The real pretrained initialisation stays for real users.
-    if preset.pretrained == MMDET_R50:
-        assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=MMDET_R50)
-    elif preset.pretrained == MMSEG_R50:
-        assert cfg.model.pretrained == MMSEG_R50
+    if preset.pretrained == 'upstream':  # the same checkpoint as the upstream config names
+        upstream = get_config(preset.upstream)
+        assert cfg.model.backbone.get('init_cfg') == upstream.model.backbone.get('init_cfg')
+        assert cfg.model.get('pretrained') == upstream.model.get('pretrained')
+        assert cfg.model.backbone.get('init_cfg') or cfg.model.get('pretrained')
 
 
 @pytest.mark.parametrize('name', sorted(PRESETS))
