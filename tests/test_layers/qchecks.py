@@ -10,6 +10,17 @@ import actnn_mm
 from actnn_mm import config
 
 
+def spy_quantize(monkeypatch) -> List[torch.dtype]:
+    """Record the dtype of every activation the layers quantize (the list fills as they do)."""
+    from actnn_mm.layers import saved
+
+    seen: List[torch.dtype] = []
+    quantize = saved.quantize
+    monkeypatch.setattr(saved, 'quantize',
+                        lambda t, *a, **k: seen.append(t.dtype) or quantize(t, *a, **k))
+    return seen
+
+
 @contextlib.contextmanager
 def settings(level: str, **knobs: object) -> Iterator[None]:
     """Run under optimization ``level`` with ``knobs`` overridden; restore the config after."""

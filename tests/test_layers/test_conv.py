@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import actnn_mm
-from actnn_mm.layers import saved
-from qchecks import assert_close_grads, assert_unbiased, grads, settings
+from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 
@@ -110,10 +109,7 @@ def test_2bit_unbiased_channels_last_bf16_params(channels_last):
 
 def test_autocast_bf16_compresses_the_bf16_activation(monkeypatch):
     ref, q, x = make('conv2d_stride_pad')
-    seen = []
-    quantize = saved.quantize
-    monkeypatch.setattr(saved, 'quantize', lambda t, *a, **k: seen.append(t.dtype) or
-                        quantize(t, *a, **k))
+    seen = spy_quantize(monkeypatch)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         want = grads(ref, [x])
         with settings('L0'):
@@ -148,15 +144,9 @@ def test_unbatched_input(case):
     assert_close_grads(got, grads(ref, [x[0]]), rtol=2e-2)
 
 
-def _spy(monkeypatch):
-    calls = []
-    quantize = saved.quantize
-    monkeypatch.setattr(saved, 'quantize', lambda *a, **k: calls.append(1) or quantize(*a, **k))
-    return calls
-
 
 def test_no_compression_when_autograd_needs_no_input(monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = spy_quantize(monkeypatch)
     ref, q, x = make('conv2d_stride_pad')
     with settings('L3'):
         with torch.no_grad():

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 import actnn_mm
-from actnn_mm.layers import saved
-from qchecks import assert_close_grads, assert_unbiased, grads, settings
+from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
 SHAPES = {'2d': (6, 5), '3d': (3, 4, 5), '4d': (2, 3, 2, 5), 'unbatched': (5,)}
 
@@ -51,10 +50,7 @@ def test_2bit_unbiased(shape, dtype):
 
 def test_autocast_bf16(monkeypatch):
     ref, q, x = make('3d')
-    seen = []
-    quantize = saved.quantize
-    monkeypatch.setattr(saved, 'quantize', lambda t, *a, **k: seen.append(t.dtype) or
-                        quantize(t, *a, **k))
+    seen = spy_quantize(monkeypatch)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         want = grads(ref, [x])
         with settings('L0'):
@@ -67,9 +63,7 @@ def test_autocast_bf16(monkeypatch):
 
 
 def test_frozen_and_no_grad_skip_compression(monkeypatch):
-    calls = []
-    quantize = saved.quantize
-    monkeypatch.setattr(saved, 'quantize', lambda *a, **k: calls.append(1) or quantize(*a, **k))
+    calls = spy_quantize(monkeypatch)
     ref, q, x = make('3d')
     with settings('L3'):
         with torch.no_grad():

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import actnn_mm
-from actnn_mm.layers import saved
-from qchecks import assert_close_grads, assert_unbiased, grads, settings
+from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
 SHAPES = {nn.BatchNorm1d: [(6, 4), (3, 4, 5)], nn.BatchNorm2d: [(3, 4, 5, 5)],
           nn.BatchNorm3d: [(2, 4, 3, 3, 3)], nn.SyncBatchNorm: [(3, 4, 5, 5)]}
@@ -125,16 +124,10 @@ def test_bf16_input_channels_last(channels_last):
         assert exact['input0'].is_contiguous(memory_format=torch.channels_last)
 
 
-def _spy(monkeypatch):
-    calls = []
-    quantize = saved.quantize
-    monkeypatch.setattr(saved, 'quantize', lambda *a, **k: calls.append(1) or quantize(*a, **k))
-    return calls
-
 
 def test_eval_with_trainable_affine_compresses_its_input(monkeypatch):
     """mmdet's norm_eval=True keeps the affine weights training: the input is still needed."""
-    calls = _spy(monkeypatch)
+    calls = spy_quantize(monkeypatch)
     ref, q, x = make(nn.BatchNorm2d, (3, 4, 5, 5), eval_mode=True)
     with settings('L3'):
         grads(q, [x.detach()])  # input needs no grad, weight does
@@ -143,7 +136,7 @@ def test_eval_with_trainable_affine_compresses_its_input(monkeypatch):
 
 
 def test_frozen_eval_keeps_nothing(monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = spy_quantize(monkeypatch)
     ref, q, x = make(nn.BatchNorm2d, (3, 4, 5, 5), eval_mode=True)
     ref.requires_grad_(False)
     q.requires_grad_(False)
