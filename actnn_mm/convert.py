@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple, Type
 from torch import nn
 
 from .config import config
+from .generic import report_first_step
 from .layers import LAYERS, QLayer
 
 logger = logging.getLogger('actnn_mm')
@@ -111,6 +112,12 @@ def QModule(model: nn.Module) -> nn.Module:  # noqa: N802 (ActNN's name)
 
     Set the optimization level first (:func:`actnn_mm.set_optimization_level`): it decides which
     layers are converted. Unlike ActNN's, this works at any time and returns the same object.
+    The first training forward pass afterwards also logs the modules that still make autograd
+    keep 1 MiB or more of full-precision activations (:func:`actnn_mm.report_uncompressed`;
+    not under generic mode, which compresses those). That forward is observed through
+    saved-tensor hooks, which shadow other saved-tensor hooks (e.g.
+    ``torch.autograd.graph.save_on_cpu``) for that one forward; :func:`convert` converts without
+    the report.
 
     Args:
         model: the model (or a DDP wrapper of it).
@@ -120,6 +127,7 @@ def QModule(model: nn.Module) -> nn.Module:  # noqa: N802 (ActNN's name)
     """
     model, summary = convert(model)
     logger.info('%s', summary)
+    report_first_step(model)
     return model
 
 

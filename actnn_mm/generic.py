@@ -50,11 +50,16 @@ from torch import nn
 
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, quantize
 from .config import config
-from .layers.saved import Offloaded, Stored, load
+from .layers.saved import Offloaded, Stored, load, step_boundary
+from .stats import step_log
 
 logger = logging.getLogger('actnn_mm')
 
 DEFAULT_MIN_BYTES = 64 * 1024
+REPORT_MIN_BYTES = 1 << 20
+# Our saved-tensor hooks now active (generic mode, counters): the innermost hooks see every
+# save, so the first-step report stays out of their way.
+_active_hooks: List[Any] = []
 
 
 @dataclasses.dataclass
@@ -188,18 +193,22 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         self._storages = _parameter_storages(self.model)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
+        _active_hooks.append(self)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         hooks, self._hooks = self._hooks, None
         self._shared.clear()
         hooks.__exit__(*exc_info)
+        _active_hooks.remove(self)
 
     def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped]:
+        step_boundary()
         reason = _skip_reason(t, self._storages, self.min_bytes)
         if reason is not None:
             if reason != 'parameter':
                 self.stats.kept_bytes[reason] += t.nbytes
+                step_log.record_uncompressed(reason, t.nbytes)
             return t
         key = _key(t)
         entry = self._shared.get(key)
@@ -213,6 +222,8 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         self.stats.compressed += 1
         self.stats.saved_bytes += compressed.nbytes
         self.stats.full_bytes += t.nbytes
+        step_log.record_generic(compressed.nbytes, t.nbytes, compressed.bits.tolist(),
+                                t.numel() // max(compressed.bits.numel(), 1))
         if config.swap and t.device.type == 'cuda':  # a pinned CPU copy, back in `load`
             stored: Stored = Offloaded(compressed.to('cpu', non_blocking=True), t.device)
         else:
@@ -246,7 +257,72 @@ class UncompressedActivations:
     tensors: int
 
 
-def report_uncompressed(model: nn.Module, *inputs: Any, min_bytes: int = 1 << 20,
+class _SavedByModule:
+    """Counts the floating tensors autograd saves while active, parameters excluded, each once,
+    for the innermost module of ``model`` running when it is saved (a context manager)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.storages = _parameter_storages(model)
+        self.stack: List[str] = []
+        self.totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+        self.seen: Set[Tuple[Any, ...]] = set()
+        self.handles: List[Any] = []
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and t.is_floating_point() and \
+                not _is_parameter(t, self.storages):
+            key = _key(t)
+            if key not in self.seen:
+                self.seen.add(key)
+                total = self.totals[self.stack[-1] if self.stack else '']
+                total[0] += t.nbytes
+                total[1] += 1
+        return t
+
+    def _enter(self, name: str, *_: Any) -> None:
+        self.stack.append(name)
+
+    def _leave(self, *_: Any) -> None:
+        self.stack.pop()
+
+    def __enter__(self) -> '_SavedByModule':
+        for name, module in self.model.named_modules():
+            if module is not self.model:  # an empty stack stands for the root ('')
+                self.handles.append(module.register_forward_pre_hook(
+                    functools.partial(self._enter, name)))
+                self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+        self.hooks.__enter__()
+        _active_hooks.append(self)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.hooks.__exit__(*exc_info)
+        _active_hooks.remove(self)
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def report(self, min_bytes: int) -> List[UncompressedActivations]:
+        """The modules that kept at least ``min_bytes``, largest first; logged."""
+        types = {name: type(module).__name__ for name, module in self.model.named_modules()}
+        report = sorted((UncompressedActivations(name, types[name], nbytes, count)
+                         for name, (nbytes, count) in self.totals.items() if nbytes >= min_bytes),
+                        key=lambda r: -r.nbytes)
+        everything = sum(nbytes for nbytes, _ in self.totals.values())
+        if report:
+            logger.warning('actnn_mm: modules keeping full-precision activations for backward '
+                           '(%.2f MiB in all):\n%s', everything / 2**20, '\n'.join(
+                               f'  {r.module or "<root>"} ({r.type}): {r.nbytes / 2**20:.2f} MiB '
+                               f'in {r.tensors} tensors' for r in report))
+        else:
+            logger.info('actnn_mm: no module keeps %.2f MiB or more of full-precision '
+                        'activations (%.2f MiB in all)', min_bytes / 2**20, everything / 2**20)
+        return report
+
+
+def report_uncompressed(model: nn.Module, *inputs: Any, min_bytes: int = REPORT_MIN_BYTES,
                         **kwargs: Any) -> List[UncompressedActivations]:
     """Modules whose forward makes autograd keep large full-precision activations; logged.
 
@@ -267,55 +343,47 @@ def report_uncompressed(model: nn.Module, *inputs: Any, min_bytes: int = 1 << 20
     Returns:
         The modules keeping at least ``min_bytes``, largest first.
     """
-    storages = _parameter_storages(model)
-    stack: List[str] = []
-    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
-    seen: Set[Tuple[Any, ...]] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and t.is_floating_point() and not _is_parameter(t, storages):
-            key = _key(t)
-            if key not in seen:
-                seen.add(key)
-                total = totals[stack[-1] if stack else '']
-                total[0] += t.nbytes
-                total[1] += 1
-        return t
-
-    def enter(name: str, *_: Any) -> None:
-        stack.append(name)
-
-    def leave(*_: Any) -> None:
-        stack.pop()
-
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
     buffers = [b.detach().clone() for b in model.buffers()]
     devices = sorted({t.device.index for t in itertools.chain(model.parameters(), model.buffers())
                       if t.device.type == 'cuda'})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                _SavedByModule(model) as counter:
             model(*inputs, **kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
         with torch.no_grad():
             for buffer, value in zip(model.buffers(), buffers):
                 buffer.copy_(value)
-    types = {name: type(module).__name__ for name, module in model.named_modules()}
-    report = sorted((UncompressedActivations(name, types[name], nbytes, count)
-                     for name, (nbytes, count) in totals.items() if nbytes >= min_bytes),
-                    key=lambda r: -r.nbytes)
-    everything = sum(nbytes for nbytes, _ in totals.values())
-    if report:
-        logger.warning('actnn_mm: modules keeping full-precision activations for backward '
-                       '(%.2f MiB in all):\n%s', everything / 2**20, '\n'.join(
-                           f'  {r.module or "<root>"} ({r.type}): {r.nbytes / 2**20:.2f} MiB in '
-                           f'{r.tensors} tensors' for r in report))
-    else:
-        logger.info('actnn_mm: no module keeps %.2f MiB or more of full-precision activations '
-                    '(%.2f MiB in all)', min_bytes / 2**20, everything / 2**20)
-    return report
+    return counter.report(min_bytes)
+
+
+def report_first_step(model: nn.Module, min_bytes: int = REPORT_MIN_BYTES) -> None:
+    """Log :func:`report_uncompressed`'s report for the first training forward of ``model``.
+
+    No extra forward pass: the next forward call of ``model`` in training mode with gradients
+    enabled is observed, then the observer removes itself. Under generic mode nothing is
+    reported (it compresses what it can and counts the rest in :func:`actnn_mm.stats`). The
+    observer's saved-tensor hooks are the innermost during that forward, so other saved-tensor
+    hooks entered around it do not see its saves.
+
+    Args:
+        model: the model (or a DDP wrapper of it).
+        min_bytes: report modules keeping at least this many bytes.
+    """
+    observing: List[Optional[_SavedByModule]] = []  # filled by the observed forward call
+
+    def start(module: nn.Module, args: Any) -> None:
+        if not observing and module.training and torch.is_grad_enabled():
+            observing.append(None if _active_hooks else _SavedByModule(model).__enter__())
+
+    def finish(module: nn.Module, args: Any, output: Any) -> None:
+        if observing:
+            start_handle.remove()
+            finish_handle.remove()
+            counter = observing[0]
+            if counter is not None:
+                counter.__exit__(None, None, None)
+                counter.report(min_bytes)
+
+    start_handle = model.register_forward_pre_hook(start)
+    finish_handle = model.register_forward_hook(finish, always_call=True)

@@ -203,6 +203,16 @@ def test_vit_block_at_2_bits_keeps_4x_less():
     assert (stats.compressed, stats.shared) == (5, 1)
     assert plain / kept >= 4
     assert stats.ratio > 10
+    step = actnn_mm.stats(model)  # the layers' and generic mode's bytes in one place
+    assert step['generic']['calls'] == 5 and step['generic']['bits_mean'] == 2
+    assert (step['generic']['bytes'], step['generic']['full_bytes']) == (stats.saved_bytes,
+                                                                         stats.full_bytes)
+    assert step['generic']['uncompressed_bytes'] == stats.kept_bytes
+    assert step['compressed_bytes'] == sum(m.actnn_saved_bytes for m in layers) + stats.saved_bytes
+    assert step['average_bits'] == 2
+    with settings('L3', adaptive=False):
+        generic_grads(model, x)  # the next step starts afresh
+    assert actnn_mm.stats(model)['compressed_bytes'] == step['compressed_bytes']
 
 
 def test_8bit_close_with_converted_layers():
@@ -233,6 +243,30 @@ def test_report_names_modules_keeping_full_precision(caplog):
     assert [(r.module, r.type) for r in after] == [('attn', 'Attention')]
     assert after[0].tensors == 4 and after[0].nbytes == 3 * 2 * 4 * 16 * 8 * 4 + 2 * 4 * 16 * 16 * 4
     assert 'attn (Attention): ' in caplog.text
+
+
+def test_qmodule_reports_the_first_training_step_once(caplog):
+    model, x = block(64), torch.randn(8, 128, 64)  # attention probabilities: 2 MiB
+    with settings('L3'), caplog.at_level(logging.INFO, logger='actnn_mm'):
+        actnn_mm.QModule(model)
+        with torch.no_grad():
+            model(x)  # no gradients: not a training step, nothing reported yet
+        assert 'full-precision activations' not in caplog.text
+        model(x).sum().backward()
+        assert 'modules keeping full-precision activations' in caplog.text
+        assert 'attn (Attention): 2.75 MiB in 4 tensors' in caplog.text  # probabilities, q, k, v
+        caplog.clear()
+        model(x).sum().backward()
+    assert 'full-precision' not in caplog.text
+
+
+def test_first_step_report_stays_silent_under_generic_mode(caplog):
+    model, x = block(64), torch.randn(8, 128, 64)
+    with settings('L3'), caplog.at_level(logging.INFO, logger='actnn_mm'):
+        actnn_mm.QModule(model)
+        generic_grads(model, x)
+        model(x).sum().backward()  # the observer is gone, generic mode or not
+    assert 'full-precision' not in caplog.text
 
 
 def test_report_leaves_buffers_and_random_state_unchanged():

@@ -123,7 +123,8 @@ ACROSS_LAYERS_FAMILIES = ('conv', 'linear')
 _backward_ran = [False]
 
 
-def _step_boundary() -> None:
+def step_boundary() -> None:
+    """Start a new training step (allocator, stats) if a backward pass ran since the last save."""
     if _backward_ran[0]:
         _backward_ran[0] = False
         allocator.begin_step()
@@ -162,7 +163,7 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Stored
         ``x`` itself when it stays in full precision (the caller must put it through
         ``ctx.save_for_backward``), else its :class:`CompressedTensor` (possibly offloaded).
     """
-    _step_boundary()
+    step_boundary()
     if not compresses(x, module):
         module.__dict__['actnn_saved_bytes'] = module.__dict__['actnn_full_bytes'] = x.nbytes
         return x
@@ -186,14 +187,14 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Stored
 def stash(t: torch.Tensor, module: torch.nn.Module, full_bytes: int) -> Stored:
     """Keep exact tensor ``t`` (e.g. compact indices) of ``module``; torch would keep
     ``full_bytes`` instead."""
-    _step_boundary()
+    step_boundary()
     return _keep(t, module, full_bytes)
 
 
 def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes: int) -> Stored:
     """Keep ``t`` of ``module`` (bool, or uint8 below ``2**bits``) packed at ``bits`` per value;
     torch would keep ``full_bytes`` instead."""
-    _step_boundary()
+    step_boundary()
     return _keep(pack_ints(t, bits), module, full_bytes)
 
 

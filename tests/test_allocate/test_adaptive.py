@@ -132,7 +132,9 @@ def test_stats_report_layers_and_bytes():
     with settings('L3'):
         step(model, scaled_batch(4))
     s = actnn_mm.stats(model)
-    assert set(s) == {'average_bits', 'compressed_bytes', 'full_precision_bytes', 'ratio', 'layers'}
+    assert set(s) == {'average_bits', 'compressed_bytes', 'full_precision_bytes', 'ratio',
+                      'layers', 'generic'}
+    assert s['generic'] == {'calls': 0, 'bytes': 0, 'full_bytes': 0, 'uncompressed_bytes': {}}
     assert s['compressed_bytes'] == sum(layer['bytes'] for layer in s['layers'].values())
     assert s['ratio'] == s['full_precision_bytes'] / s['compressed_bytes'] > 8
     conv = s['layers']['0']

@@ -9,7 +9,7 @@ from mmengine.registry import HOOKS
 from ...allocate import set_sample_indices
 from ...config import LEVELS, Config, config, set_optimization_level
 from ...convert import convert
-from ...generic import compress_saved_tensors
+from ...generic import compress_saved_tensors, report_first_step
 from ...stats import stats
 from ..checkpoint import trust_directory
 
@@ -27,7 +27,8 @@ class ActNNHook(Hook):
     layers. Frozen layers and ``norm_eval`` BatchNorms keep working as before: the layers run the
     plain op where nothing needs a gradient. Each training iteration passes the batch's
     ``sample_idx`` to the adaptive allocator and, with ``generic``, compresses what other ops save
-    (attention, interpolation, ...). Validation and testing run without gradients, so nothing is
+    (attention, interpolation, ...); without it, the first iteration logs the modules that keep
+    large full-precision activations. Validation and testing run without gradients, so nothing is
     compressed there. The average bits, the MiB kept and the ratio to full precision are logged
     as ``actnn/avg_bits``, ``actnn/mib`` and ``actnn/ratio``. Checkpoints in the run's work_dir
     can be resumed under torch's ``weights_only`` default (see ``actnn_mm.mm.checkpoint``).
@@ -62,6 +63,7 @@ class ActNNHook(Hook):
         self._model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         _, summary = convert(self._model)
         runner.logger.info(str(summary))
+        report_first_step(self._model)  # without generic mode: what stays in full precision
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         set_sample_indices(_sample_indices(data_batch))
@@ -70,20 +72,16 @@ class ActNNHook(Hook):
 
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
-        saved = full = 0
         if self._generic is not None:
             self._generic.__exit__(None, None, None)
-            saved, full = self._generic.stats.saved_bytes, self._generic.stats.full_bytes
             self._generic = None
-        step = stats(self._model)
-        saved += step['compressed_bytes']
-        full += step['full_precision_bytes']
+        step = stats(self._model)  # the layers' and generic mode's
         hub = runner.message_hub
         if step['average_bits'] is not None:
             hub.update_scalar('train/actnn/avg_bits', step['average_bits'])
-        hub.update_scalar('train/actnn/mib', saved / 2**20)
-        if saved:
-            hub.update_scalar('train/actnn/ratio', full / saved)
+        hub.update_scalar('train/actnn/mib', step['compressed_bytes'] / 2**20)
+        if step['ratio'] is not None:
+            hub.update_scalar('train/actnn/ratio', step['ratio'])
 
 
 def _sample_indices(data_batch: Any) -> Optional[Sequence[int]]:
