@@ -132,9 +132,9 @@ def test_untrusted_checkpoint_stays_weights_only(detector_run, tmp_path):
         CheckpointLoader.load_checkpoint(str(copy), map_location='cpu')
 
 
-def test_upstream_config_without_preset_trains(demo_data, tmp_path):
+def test_upstream_config_without_preset_trains_with_amp(demo_data, tmp_path):
     config = write(tmp_path / 'cls.py', CLS_TEST_CONFIG.format(data=demo_data))
-    log = train(config, tmp_path / 'work')
+    log = train(config, tmp_path / 'work', '--amp')  # bfloat16 autocast on the CPU
     assert 'actnn_mm (L3): converted' in log and 'actnn/ratio' in log
 
 
