@@ -53,6 +53,9 @@ def _keep_input(ctx: torch.autograd.function.FunctionCtx, module: nn.Module, x: 
 
 def _sum_squares(xh: torch.Tensor) -> torch.Tensor:
     """Per-channel float32 sum of ``xh ** 2`` (one pass, no temporary)."""
+    if xh.dim() > 2 and xh.is_contiguous():  # (N, C, L) rows reduce 3x faster than dims 0, 2
+        rows = torch.linalg.vector_norm(xh.flatten(2), 2, dim=2, dtype=torch.float32)
+        return rows.square().sum(0)
     return torch.linalg.vector_norm(xh, 2, dim=_reduce_dims(xh), dtype=torch.float32) ** 2
 
 

@@ -83,10 +83,15 @@ ACTNN_HD RngKey rng_key(uint64_t seed) {
   return k;
 }
 
-// Uniform in [0, 1) with 24 random bits, so the float is exact.
-ACTNN_HD float uniform(RngKey key, uint64_t index) {
-  uint32_t r = mix32(mix32(uint32_t(index) ^ key.lo) ^ uint32_t(index >> 32) ^ key.hi);
+// Uniform in [0, 1) with 24 random bits, so the float is exact, for the element whose 64-bit
+// index has the 32-bit halves lo and hi (kernels step lo in 32-bit lanes, which vectorize best).
+ACTNN_HD float uniform_halves(RngKey key, uint32_t lo, uint32_t hi) {
+  uint32_t r = mix32(mix32(lo ^ key.lo) ^ hi ^ key.hi);
   return float(int32_t(r >> 8)) * 5.9604644775390625e-08f;  // 2^-24 (signed convert vectorizes)
+}
+
+ACTNN_HD float uniform(RngKey key, uint64_t index) {
+  return uniform_halves(key, uint32_t(index), uint32_t(index >> 32));
 }
 
 // Min and max that propagate NaN (a comparison with NaN is false, so once the running value is
@@ -142,6 +147,15 @@ ACTNN_HD uint8_t pack_byte(const uint8_t* values, int64_t count, int64_t k, int 
   uint32_t byte = 0;
   for (int i = 0; i < per_byte && k * per_byte + i < count; ++i)
     byte |= (uint32_t(values[k * per_byte + i]) & ((1u << bits) - 1u)) << (i * bits);
+  return uint8_t(byte);
+}
+
+// The same for a byte whose 8 / BITS values all exist (no bounds checks: the hot path).
+template <int BITS>
+ACTNN_HD uint8_t pack_full_byte(const uint8_t* values) {
+  uint32_t byte = 0;
+  for (int i = 0; i < 8 / BITS; ++i)
+    byte |= (uint32_t(values[i]) & ((1u << BITS) - 1u)) << (i * BITS);
   return uint8_t(byte);
 }
 

@@ -29,10 +29,10 @@ void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
   TORCH_CHECK(offsets[n] <= total_bytes, "actnn_mm: offsets point past the data");
 }
 
-// The hot loops are also compiled for AVX2 and picked at run time: the same IEEE operations in
-// either build, so the same bits.
+// The hot loops are also compiled for AVX-512 (x86-64-v4) and AVX2 and picked at run time: the
+// same IEEE operations in every build, so the same bits.
 #if defined(__GNUC__) && defined(__x86_64__)
-#define ACTNN_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define ACTNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define ACTNN_CPU_CLONES
 #endif
@@ -81,8 +81,15 @@ ACTNN_CPU_CLONES
 void quantize_levels(const float* values, int64_t len, float mn, float scale, int max_level,
                      RngKey key, uint64_t first, bool stochastic, uint8_t* levels) {
   if (stochastic) {
-    for (int64_t j = 0; j < len; ++j)
-      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, uniform(key, first + j)));
+    // Element indices first + j in 32-bit halves: the low half steps until it wraps (if ever).
+    const uint32_t lo = uint32_t(first), hi = uint32_t(first >> 32);
+    const int64_t before_wrap = std::min<int64_t>(len, (int64_t(1) << 32) - int64_t(lo));
+    for (int64_t j = 0; j < before_wrap; ++j)
+      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level,
+                                         uniform_halves(key, lo + uint32_t(j), hi)));
+    for (int64_t j = before_wrap; j < len; ++j)
+      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level,
+                                         uniform_halves(key, uint32_t(j - before_wrap), hi + 1)));
   } else {
     for (int64_t j = 0; j < len; ++j)
       levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, 0.5f));
@@ -104,6 +111,15 @@ void dequantize_values(const uint8_t* sample_data, int64_t start, int64_t len, f
     out[j] = scalar_t(dequantize_value(unpack_value(sample_data, start + j, BITS), mn, scale));
 }
 
+// Packs values[0, count) at BITS bits into out.
+template <int BITS>
+void pack_values(const uint8_t* values, int64_t count, uint8_t* out) {
+  constexpr int kPerByte = 8 / BITS;
+  const int64_t full = count / kPerByte;
+  for (int64_t k = 0; k < full; ++k) out[k] = pack_full_byte<BITS>(values + k * kPerByte);
+  if (full * kPerByte < count) out[full] = pack_byte(values, count, full, BITS);
+}
+
 // Calls f(std::integral_constant<int, b>) for a run-time bit width b.
 template <typename F>
 void dispatch_bits(int b, F&& f) {
@@ -120,7 +136,7 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
                      int64_t sample_size, int64_t group_size, int64_t begin, int64_t end,
                      RngKey key, bool stochastic, uint8_t* data, uint16_t* meta) {
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
-  std::vector<float> values(group_size);
+  std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : group_size);
   std::vector<uint8_t> levels(group_size);
   for (int64_t group = begin; group < end; ++group) {
     const int64_t n = group / groups_per_sample;
@@ -130,18 +146,23 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
     const int b = bits[n];
     const int max_level = (1 << b) - 1;
 
-    for (int64_t j = 0; j < len; ++j) values[j] = float(x[first + j]);
+    const float* values;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      values = x + first;
+    } else {
+      for (int64_t j = 0; j < len; ++j) converted[j] = float(x[first + j]);
+      values = converted.data();
+    }
     float lo, hi;
-    group_range(values.data(), len, lo, hi);
+    group_range(values, len, lo, hi);
     const GroupParams p = group_params(lo, hi, max_level);
     meta[2 * group] = p.min_bits;
     meta[2 * group + 1] = p.scale_bits;
-    quantize_levels(values.data(), len, bf16_to_float(p.min_bits), bf16_to_float(p.scale_bits),
+    quantize_levels(values, len, bf16_to_float(p.min_bits), bf16_to_float(p.scale_bits),
                     max_level, key, uint64_t(first), stochastic, levels.data());
     uint8_t* out = data + offsets[n] + start * b / 8;
     dispatch_bits(b, [&](auto bits_c) {
-      constexpr int kBits = decltype(bits_c)::value;
-      for (int64_t k = 0; k * (8 / kBits) < len; ++k) out[k] = pack_byte(levels.data(), len, k, kBits);
+      pack_values<decltype(bits_c)::value>(levels.data(), len, out);
     });
   }
 }
@@ -212,8 +233,9 @@ at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   at::parallel_for(0, packed.numel(), 4096, [&](int64_t begin, int64_t end) {
     dispatch_bits(int(bits), [&](auto bits_c) {
-      constexpr int kBits = decltype(bits_c)::value;
-      for (int64_t k = begin; k < end; ++k) out[k] = pack_byte(in, count, k, kBits);
+      const int64_t first = begin * per_byte;
+      pack_values<decltype(bits_c)::value>(in + first, std::min(count, end * per_byte) - first,
+                                           out + begin);
     });
   });
   return packed;
