@@ -17,6 +17,10 @@ TORCH_LIBRARY(actnn_mm, m) {
   // below 2^bits; value i goes to bits [(i % k) * bits, ...) of byte i / k, k = 8 / bits.
   m.def("pack_bits(Tensor values, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, SymInt numel) -> Tensor");
+  // Backward of a masking op (ReLU, dropout) in one pass: values: contiguous float32/float16/
+  // bfloat16; mask: pack_bits(..., 1) of values.numel() booleans. Returns values * scale where
+  // the mask is set and 0 elsewhere (the product in float32).
+  m.def("apply_mask(Tensor values, Tensor mask, float scale) -> Tensor");
 }
 
 // Importing actnn_mm._C runs the registrations above; the module itself is empty but says

@@ -62,6 +62,10 @@ if _C is not None:
     def _unpack_bits_fake(packed, bits, numel):
         return packed.new_empty(numel)
 
+    @torch.library.register_fake('actnn_mm::apply_mask')
+    def _apply_mask_fake(values, mask, scale):
+        return torch.empty_like(values)
+
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
              seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,3 +101,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return torch.ops.actnn_mm.unpack_bits(packed, bits, numel)
     _warn_fallback(packed.device)
     return reference.unpack_bits(packed, bits, numel)
+
+
+def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``values * scale`` where the 1-bit packed ``mask`` (one bit per value, in memory order) is
+    set, 0 elsewhere; ``values`` contiguous."""
+    if _extension_serves(values.device):
+        return torch.ops.actnn_mm.apply_mask(values, mask, scale)
+    _warn_fallback(values.device)
+    return reference.apply_mask(values, mask, scale)

@@ -147,6 +147,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
 
 
+def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    keep = unpack_bits(mask, 1, values.numel()).view(values.shape).bool()
+    scaled = (values.float() * torch.tensor(scale, dtype=torch.float32)).to(values.dtype)
+    return torch.where(keep, scaled, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
                num_samples: int, sample_size: int, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import QLayer, grad_needed
-from .saved import compresses, load, save_activation, save_packed, saved_activation
+from .saved import compresses, masked, save_activation, save_packed, saved_activation
 
 
 class _ReLUFunction(torch.autograd.Function):
@@ -39,8 +39,8 @@ class _ReLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], None, None]:
-        mask, ctx.mask = load(ctx.mask), None
-        return grad * mask, None, None
+        mask, ctx.mask = ctx.mask, None
+        return masked(mask, grad), None, None
 
 
 class QReLU(QLayer, nn.ReLU):

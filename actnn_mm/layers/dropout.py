@@ -6,7 +6,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import QLayer, grad_needed
-from .saved import load, save_packed
+from .saved import masked, save_packed
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -27,8 +27,8 @@ class _DropoutFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], None, None, None]:
-        mask, ctx.mask = load(ctx.mask), None
-        return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None, None, None
+        mask, ctx.mask = ctx.mask, None
+        return masked(mask, grad, ctx.scale), None, None, None
 
 
 class QDropout(QLayer, nn.Dropout):

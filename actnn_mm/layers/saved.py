@@ -24,7 +24,7 @@ import torch
 
 from ..allocate import allocator
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
-from ..compress.ops import pack_bits, unpack_bits
+from ..compress.ops import apply_mask, pack_bits, unpack_bits
 from ..config import config
 from ..stats import step_log
 
@@ -198,16 +198,42 @@ def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes:
     return _keep(pack_ints(t, bits), module, full_bytes)
 
 
-def load(stored: Union[torch.Tensor, Stored]) -> torch.Tensor:
-    """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized)."""
+def _fetch(stored: Union[torch.Tensor, Stored]) -> Union[torch.Tensor, Kept]:
+    """What was kept, back on its device; notes that a backward pass runs."""
     _backward_ran[0] = True
     if isinstance(stored, Offloaded):
-        stored = stored.value.to(stored.device, non_blocking=True)
+        return stored.value.to(stored.device, non_blocking=True)
+    return stored
+
+
+def load(stored: Union[torch.Tensor, Stored]) -> torch.Tensor:
+    """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized)."""
+    stored = _fetch(stored)
     if isinstance(stored, CompressedTensor):
         return dequantize(stored)
     if isinstance(stored, PackedInts):
         return unpack_ints(stored)
     return stored
+
+
+def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``values * scale`` where the boolean mask that :func:`save_packed` kept at 1 bit is True,
+    0 elsewhere: one pass over ``values``, no unpacked mask (ReLU and dropout backward).
+
+    Args:
+        stored: what :func:`save_packed` returned for a mask of ``values``' shape.
+        values: e.g. the output gradient, in any layout.
+        scale: the factor where the mask is set.
+    """
+    packed = _fetch(stored)
+    if values.dtype not in FLOAT_DTYPES:  # e.g. float64: the kernel serves the codec's dtypes
+        return values * unpack_ints(packed) * scale
+    order = packed.permutation
+    ordered = values if order is None else values.permute(order)  # the mask's memory order
+    out = apply_mask(ordered.contiguous(), packed.data, scale)
+    if order is None:
+        return out
+    return out.permute(sorted(range(len(order)), key=lambda i: order[i]))
 
 
 def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.Module,

@@ -53,6 +53,14 @@ inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t nu
               "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
 }
 
+inline void check_apply_mask_args(const at::Tensor& values, const at::Tensor& mask) {
+  check_float_dtype(values.scalar_type());
+  TORCH_CHECK(values.is_contiguous() && mask.scalar_type() == at::kByte && mask.is_contiguous() &&
+                  mask.numel() * 8 >= values.numel() && mask.device() == values.device(),
+              "actnn_mm: apply_mask expects contiguous values and a contiguous uint8 mask of at "
+              "least ", (values.numel() + 7) / 8, " bytes on the same device");
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
 }

@@ -164,4 +164,9 @@ ACTNN_HD uint32_t unpack_value(const uint8_t* sample_data, int64_t j, int bits) 
   return (uint32_t(sample_data[bit >> 3]) >> (bit & 7)) & ((1u << bits) - 1u);
 }
 
+// Element of apply_mask: the value times scale where the mask bit is set, else 0.
+ACTNN_HD float masked_value(float value, uint32_t bit, float scale) {
+  return bit ? value * scale : 0.f;
+}
+
 }  // namespace actnn

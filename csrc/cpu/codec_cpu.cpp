@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -255,6 +256,46 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t bits, int64_t numel
   return values;
 }
 
+// Values [8 * begin, 8 * end) of apply_mask, the mask bytes [begin, end) all full.
+template <typename scalar_t>
+void apply_mask_bytes(const scalar_t* in, const uint8_t* mask, float scale, int64_t begin,
+                      int64_t end, scalar_t* out) {
+  for (int64_t k = begin; k < end; ++k)
+    for (int i = 0; i < 8; ++i)
+      out[8 * k + i] = scalar_t(masked_value(float(in[8 * k + i]), (mask[k] >> i) & 1u, scale));
+}
+
+// float32, the common case, also in AVX-512 and AVX2 (overload resolution prefers this one).
+ACTNN_CPU_CLONES
+void apply_mask_range(const float* in, const uint8_t* mask, float scale, int64_t begin,
+                      int64_t end, float* out) {
+  apply_mask_bytes(in, mask, scale, begin, end, out);
+}
+
+template <typename scalar_t>
+void apply_mask_range(const scalar_t* in, const uint8_t* mask, float scale, int64_t begin,
+                      int64_t end, scalar_t* out) {
+  apply_mask_bytes(in, mask, scale, begin, end, out);
+}
+
+at::Tensor apply_mask_cpu(const at::Tensor& values, const at::Tensor& mask, double scale) {
+  check_apply_mask_args(values, mask);
+  at::Tensor out = at::empty_like(values);
+  const int64_t numel = values.numel(), full = numel / 8;
+  const uint8_t* bits = mask.const_data_ptr<uint8_t>();
+  const float s = float(scale);
+  ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_apply_mask", [&] {
+    const scalar_t* in = values.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, full, 2048, [&](int64_t begin, int64_t end) {
+      apply_mask_range(in, bits, s, begin, end, o);
+    });
+    for (int64_t j = full * 8; j < numel; ++j)  // the last, partial byte
+      o[j] = scalar_t(masked_value(float(in[j]), unpack_value(bits, j, 1), s));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
@@ -262,6 +303,7 @@ TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("pack_bits", &pack_bits_cpu);
   m.impl("unpack_bits", &unpack_bits_cpu);
+  m.impl("apply_mask", &apply_mask_cpu);
 }
 
 }  // namespace actnn

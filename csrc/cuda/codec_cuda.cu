@@ -2,6 +2,7 @@
 // CPU kernels run and the tests check against the reference).
 #include <c10/cuda/CUDAException.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -170,6 +171,29 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t nume
   return values;
 }
 
+template <typename scalar_t>
+__global__ void apply_mask_kernel(const scalar_t* values, const uint8_t* mask, float scale,
+                                  int64_t numel, scalar_t* out) {
+  ACTNN_GRID_STRIDE_LOOP(j, numel) {
+    out[j] = scalar_t(masked_value(float(values[j]), unpack_value(mask, j, 1), scale));
+  }
+}
+
+at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, double scale) {
+  check_apply_mask_args(values, mask);
+  c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor out = at::empty_like(values);
+  if (out.numel() == 0) return out;
+  ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_apply_mask_cuda", [&] {
+    apply_mask_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(
+        values.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(), float(scale),
+        out.numel(), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
@@ -177,6 +201,7 @@ TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("dequantize", &dequantize_cuda);
   m.impl("pack_bits", &pack_bits_cuda);
   m.impl("unpack_bits", &unpack_bits_cuda);
+  m.impl("apply_mask", &apply_mask_cuda);
 }
 
 }  // namespace actnn

@@ -339,3 +339,41 @@ def test_pack_bits_cuda_matches_cpu(bits):
     packed = torch.ops.actnn_mm.pack_bits(values.cuda(), bits)
     assert torch.equal(packed.cpu(), torch.ops.actnn_mm.pack_bits(values, bits))
     assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, 1234).cpu(), values)
+
+
+def _mask_case(numel, dtype):
+    g = torch.Generator().manual_seed(numel)
+    values = (torch.randn(numel, generator=g) * 3).to(dtype)
+    keep = torch.rand(numel, generator=g) < 0.5
+    return values, keep, reference.pack_bits(keep, 1)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 40961])
+@pytest.mark.parametrize('scale', [1.0, 1 / 0.3])
+def test_apply_mask_matches_reference_and_torch(numel, dtype, scale):
+    values, keep, mask = _mask_case(numel, dtype)
+    out = torch.ops.actnn_mm.apply_mask(values, mask, scale)
+    assert torch.equal(out, reference.apply_mask(values, mask, scale))
+    assert torch.equal(out, torch.where(keep, (values.float() * scale).to(dtype), 0))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_apply_mask_checks_and_opcheck():
+    values, _, mask = _mask_case(100, torch.float32)
+    with pytest.raises(RuntimeError, match='at least 13 bytes'):
+        torch.ops.actnn_mm.apply_mask(values, mask[:12], 1.0)
+    with pytest.raises(RuntimeError, match='contiguous values'):
+        torch.ops.actnn_mm.apply_mask(values.view(10, 10).t(), mask, 1.0)
+    with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
+        torch.ops.actnn_mm.apply_mask(values.double(), mask, 1.0)
+    torch.library.opcheck(torch.ops.actnn_mm.apply_mask, (values, mask, 2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_apply_mask_cuda_matches_cpu(dtype):
+    values, _, mask = _mask_case(4099, dtype)
+    gpu = torch.ops.actnn_mm.apply_mask(values.cuda(), mask.cuda(), 1.5)
+    assert torch.equal(gpu.cpu(), torch.ops.actnn_mm.apply_mask(values, mask, 1.5))

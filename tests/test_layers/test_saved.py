@@ -6,7 +6,7 @@ import torch
 import actnn_mm
 from actnn_mm.compress import quantize
 from actnn_mm.layers import held_bytes
-from actnn_mm.layers.saved import Offloaded, load, pack_ints, unpack_ints
+from actnn_mm.layers.saved import Offloaded, load, masked, pack_ints, save_packed, unpack_ints
 from qchecks import assert_close_grads, grads, settings
 
 
@@ -27,6 +27,24 @@ def test_pack_ints_round_trip(bits, layout):
     assert torch.equal(restored, t) and restored.stride() == t.stride()
     mask = t.bool()
     assert torch.equal(unpack_ints(pack_ints(mask, 1)), mask)
+
+
+@pytest.mark.parametrize('mask_layout', ['contiguous', 'channels_last', 'transposed'])
+@pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
+def test_masked_in_any_pair_of_layouts(mask_layout, grad_layout, dtype):
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(2, 3, 4, 5, generator=gen) < 0.5
+    grad = torch.randn(2, 3, 4, 5, generator=gen).to(dtype)
+    if mask_layout == 'channels_last':
+        keep = keep.to(memory_format=torch.channels_last)
+    if mask_layout == 'transposed':
+        keep, grad = keep.transpose(1, 3), grad.transpose(1, 3)
+    if grad_layout == 'channels_last' and grad.dim() == 4 and mask_layout != 'transposed':
+        grad = grad.to(memory_format=torch.channels_last)
+    stored = save_packed(keep, 1, torch.nn.ReLU(), keep.nbytes)
+    out = masked(stored, grad, 2.0)
+    assert out.shape == grad.shape and torch.equal(out, torch.where(keep, grad * 2, 0))
 
 
 def two_convs(converted=True):
