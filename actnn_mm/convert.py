@@ -7,6 +7,7 @@ and plain models load into each other.
 """
 import collections
 import dataclasses
+import functools
 import logging
 from typing import Dict, List, Optional, Tuple, Type
 
@@ -14,12 +15,36 @@ from torch import nn
 
 from .config import config
 from .generic import report_first_step
-from .layers import LAYERS, QLayer
+from .layers import (LAYERS, QConv2d, QConv3d, QConvTranspose2d, QConvTranspose3d, QLayer,
+                     QLinear, QMaxPool2d, QSyncBatchNorm)
 
 logger = logging.getLogger('actnn_mm')
 
 _TARGETS: Dict[Type[nn.Module], Type[QLayer]] = {layer._actnn_base: layer for layer in LAYERS}
 _SUPPORTED = tuple(_TARGETS)
+
+
+@functools.lru_cache(maxsize=None)
+def _equivalents() -> Dict[Type[nn.Module], Type[QLayer]]:
+    """Classes computing exactly what an ActNN layer's base computes, converted like it:
+    mmengine's ``_BatchNormXd``, which its Runner puts in place of every ``SyncBatchNorm`` when
+    training in one process (QSyncBatchNorm then runs as a batch norm of any rank); mmcv's
+    wrappers of Conv2d/3d, ConvTranspose2d/3d, Linear and MaxPool2d, whose forward only differs
+    for empty inputs on torch < 1.5 (every mmcv FFN, SegFormer's convs); and torch's
+    ``NonDynamicallyQuantizableLinear`` (a marker subclass without a forward of its own)."""
+    equivalents: Dict[Type[nn.Module], Type[QLayer]] = {
+        nn.modules.linear.NonDynamicallyQuantizableLinear: QLinear}
+    try:
+        from mmengine.model.utils import _BatchNormXd
+        equivalents[_BatchNormXd] = QSyncBatchNorm
+        from mmcv.cnn.bricks import wrappers
+    except ImportError:
+        return equivalents
+    equivalents.update({wrappers.Conv2d: QConv2d, wrappers.Conv3d: QConv3d,
+                        wrappers.ConvTranspose2d: QConvTranspose2d,
+                        wrappers.ConvTranspose3d: QConvTranspose3d, wrappers.Linear: QLinear,
+                        wrappers.MaxPool2d: QMaxPool2d})
+    return equivalents
 
 
 @dataclasses.dataclass
@@ -76,8 +101,9 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
     """Convert the supported layers of ``model`` in place, following ``config``.
 
     Exact instances of the supported torch classes are converted (subclasses are skipped: they
-    may have their own forward); ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits
-    which families are. Converting twice is a no-op.
+    may have their own forward), and those of mmengine's ``_BatchNormXd`` (reverted SyncBatchNorm)
+    to QSyncBatchNorm; ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits which
+    families are. Converting twice is a no-op.
 
     Args:
         model: any module, e.g. a DDP wrapper (its wrapped module is converted).
@@ -91,7 +117,7 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
         if isinstance(module, QLayer):
             summary.already[cls.__name__] += 1
             continue
-        target = _TARGETS.get(cls)
+        target = _TARGETS.get(cls) or _equivalents().get(cls)
         if target is None:
             reason = _not_candidate(module)
         elif not config.compresses(target._actnn_family):
@@ -102,6 +128,10 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
         if reason is not None:
             summary.skipped.append((name, cls.__name__, reason))
         elif target is not None:
+            if cls is not target._actnn_base:  # an equivalent class, restored by revert
+                module.__dict__['_actnn_original_class'] = cls
+                if target is QSyncBatchNorm:
+                    module.__dict__.setdefault('process_group', None)
             module.__class__ = target
             summary.converted[cls.__name__] += 1
     return model, summary
@@ -132,7 +162,8 @@ def QModule(model: nn.Module) -> nn.Module:  # noqa: N802 (ActNN's name)
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Turn the ActNN layers of ``model`` back into their torch classes, in place.
+    """Turn the ActNN layers of ``model`` back into their torch classes (or the equivalent
+    classes they were converted from), in place.
 
     Args:
         model: a model converted by :func:`QModule` (or holding ActNN layers built directly).
@@ -142,7 +173,8 @@ def revert(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if type(module) in LAYERS:
-            module.__class__ = type(module)._actnn_base
+            module.__class__ = module.__dict__.pop('_actnn_original_class',
+                                                   type(module)._actnn_base)
             for key in ('actnn_saved_bytes', 'actnn_full_bytes'):
                 module.__dict__.pop(key, None)
     return model

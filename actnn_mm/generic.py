@@ -20,7 +20,12 @@ Left in full precision, with the reason counted in :attr:`GenericStats.kept_byte
 * 'shape': tensors of fewer than 2 dims (no sample axis);
 * 'small': tensors below ``min_bytes`` (64 KiB by default: per-group statistics, biases, small
   heads; each compression costs a kernel call and about 20 bytes of bookkeeping per sample,
-  while the activations worth compressing take megabytes).
+  while the activations worth compressing take megabytes);
+* 'norm': whatever is saved inside a normalization module of ``model`` that is not an ActNN
+  layer (a BatchNorm/GroupNorm/LayerNorm subclass with its own forward, a layer the level does
+  not convert): their backward normalizes the saved input with the exact statistics, which
+  multiplies its rounding error by 1/std (hundreds of times when a channel has few values).
+  Functional ``F.batch_norm`` / ``F.layer_norm`` calls outside such modules are not detected.
 
 A tensor saved by several ops (a softmax output read by the next matmul, ``x * x``) is compressed
 once: saves are matched by storage, offset, shape, strides, dtype and version while the tensor
@@ -50,12 +55,16 @@ from torch import nn
 
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, quantize
 from .config import config
+from .layers.base import QLayer
 from .layers.saved import Offloaded, Stored, load, step_boundary
 from .stats import step_log
 
 logger = logging.getLogger('actnn_mm')
 
 DEFAULT_MIN_BYTES = 64 * 1024
+# Normalization modules (and their subclasses, e.g. mmpretrain's LayerNorm2d).
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 REPORT_MIN_BYTES = 1 << 20
 # Our saved-tensor hooks now active (generic mode, counters): the innermost hooks see every
 # save, so the first-step report stays out of their way.
@@ -72,7 +81,7 @@ class GenericStats:
         saved_bytes: bytes of the compressed copies.
         full_bytes: bytes the same tensors take in full precision (what torch would keep).
         kept_bytes: bytes of saved tensors left in full precision, by reason ('type', 'shape',
-            'small'), counted at each save.
+            'small', 'norm'), counted at each save.
     """
 
     compressed: int = 0
@@ -185,12 +194,19 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         self._storages: Set[int] = set()
         self._shared: Dict[Tuple[Any, ...], _Entry] = {}
         self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+        self._norm_hooks: List[Any] = []
+        self._norm_depth = 0  # > 0 while a plain normalization module of the model runs
 
     def __enter__(self) -> 'compress_saved_tensors':
         if self._hooks is not None:
             raise RuntimeError('actnn_mm.compress_saved_tensors: this context is already active')
         self.stats = GenericStats()
         self._storages = _parameter_storages(self.model)
+        for module in self.model.modules() if self.model is not None else ():
+            if isinstance(module, _NORMS) and not isinstance(module, QLayer):
+                self._norm_hooks += [module.register_forward_pre_hook(self._enter_norm),
+                                     module.register_forward_hook(self._leave_norm,
+                                                                  always_call=True)]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         _active_hooks.append(self)
@@ -199,12 +215,23 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
     def __exit__(self, *exc_info: Any) -> None:
         hooks, self._hooks = self._hooks, None
         self._shared.clear()
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks, self._norm_depth = [], 0
         hooks.__exit__(*exc_info)
         _active_hooks.remove(self)
 
+    def _enter_norm(self, *_: Any) -> None:
+        self._norm_depth += 1
+
+    def _leave_norm(self, *_: Any) -> None:
+        self._norm_depth -= 1
+
     def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped]:
         step_boundary()
-        reason = _skip_reason(t, self._storages, self.min_bytes)
+        reason = 'norm' if self._norm_depth else _skip_reason(t, self._storages, self.min_bytes)
+        if reason == 'norm' and _is_parameter(t, self._storages):
+            reason = 'parameter'
         if reason is not None:
             if reason != 'parameter':
                 self.stats.kept_bytes[reason] += t.nbytes

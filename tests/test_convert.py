@@ -218,3 +218,52 @@ def test_summary_text_groups_skips():
     text = str(summary)
     assert 'converted 1 Linear' in text
     assert 'skipped 5 PReLU (0, 1, 2, ...): no ActNN layer' in text
+
+
+def test_reverted_sync_bn_of_a_single_process_runner_is_converted_and_restored():
+    """mmengine's Runner turns SyncBatchNorm into its ``_BatchNormXd`` when training in one
+    process: those layers become QSyncBatchNorm (same gradients at 8 bits) and revert restores
+    them. Left plain, generic mode would compress their input, which their backward normalises
+    with the exact statistics: with few values per channel that error is amplified by 1/std."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.model.utils import _BatchNormXd
+
+    model = revert_sync_batchnorm(net())
+    assert type(model[7]) is _BatchNormXd
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12)
+    with settings('L2', activation_compression_bits=[8]):
+        _, summary = convert(model)
+        model(x).sum().backward()
+    ref(x).sum().backward()
+    assert type(model[7]) is actnn_mm.QSyncBatchNorm and summary.converted['_BatchNormXd'] == 1
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad - q.grad).norm() <= 3e-2 * q.grad.norm() + 1e-7, name
+    revert(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+
+
+def test_mmcv_wrappers_and_marker_subclasses_are_converted_and_restored():
+    """mmcv's Conv2d/Linear/MaxPool2d wrappers (every mmcv FFN, SegFormer's convs) and torch's
+    NonDynamicallyQuantizableLinear compute what their torch base computes: converted like it."""
+    from mmcv.cnn.bricks import wrappers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(wrappers.Conv2d(3, 4, 3), wrappers.MaxPool2d(2), nn.Flatten(),
+                          wrappers.Linear(4 * 5 * 5, 6),
+                          nn.modules.linear.NonDynamicallyQuantizableLinear(6, 2))
+    classes = [type(m) for m in model.modules()]
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12)
+    with settings('L2', activation_compression_bits=[8]):
+        _, summary = convert(model)
+        model(x).sum().backward()
+    ref(x).sum().backward()
+    assert [type(m).__name__ for m in model] == ['QConv2d', 'QMaxPool2d', 'Flatten', 'QLinear',
+                                                 'QLinear']
+    assert not summary.skipped
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert (p.grad - q.grad).norm() <= 3e-2 * q.grad.norm()
+    revert(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert not hasattr(model[0], 'process_group')

@@ -16,7 +16,18 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor], module: nn.Module) -> torch.Tensor:
         save_activation(ctx, module, x if ctx.needs_input_grad[1] else None, weight)
-        return torch.ops.aten.linear(x, weight, bias)
+        if x.dim() == 2:
+            return torch.ops.aten.linear(x, weight, bias)
+        # aten.linear would return a view of a 2-D result, which autograd forbids changing in
+        # place (e.g. an inplace ReLU after an FFN's linear): write the 2-D result into the
+        # output's own storage instead.
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1])
+        if bias is None:
+            torch.mm(rows, weight.t(), out=out.view(-1, weight.shape[0]))
+        else:
+            torch.addmm(bias, rows, weight.t(), out=out.view(-1, weight.shape[0]))
+        return out
 
     @staticmethod
     @once_differentiable
