@@ -1,13 +1,17 @@
 """Benchmarks, each figure measured side by side in one run.
 
     python tools/benchmark.py codec  [--shape 64 64 56 56]
-    python tools/benchmark.py memory [--batch 16 --image-size 224 --methods FP32 AMP CP L1 L2 L3 L4]
+    python tools/benchmark.py memory [--model vit-b16 --batch 16 --image-size 224 --methods FP32 L3]
     python tools/benchmark.py maxbatch [--budget 512 --image-size 64 --methods FP32 AMP CP L3]
 
 Results are printed as a table and saved as JSON (maxbatch also a PNG plot) under work_dirs/bench/.
+memory's models (--model) are in BENCH_MODELS: mmpretrain's ResNet-50, ViT-B/16 and Swin-T, and the
+OpenMMLab presets of configs/actnn/ (faster-rcnn, retinanet, fcn, fpn, mocov2).
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
@@ -25,11 +30,16 @@ from tqdm import tqdm
 
 from actnn_mm.compress import dequantize, extension_loaded, quantize, reference
 from actnn_mm.compress.codec import samples_view
+from actnn_mm.config import LEVELS
+from actnn_mm.generic import GenericStats
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from actnn_mm.generic import compress_saved_tensors
+
 OUT_DIR = os.path.join('work_dirs', 'bench')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -99,12 +109,143 @@ def codec(args: argparse.Namespace) -> Dict:
     return result
 
 
-def _resnet50(with_cp: bool) -> torch.nn.Module:
-    from mmpretrain.registry import MODELS
-    return MODELS.build(dict(
-        type='ImageClassifier', backbone=dict(type='ResNet', depth=50, with_cp=with_cp),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=1000, in_channels=2048)))
+def _images(batch: int, size: int) -> List[torch.Tensor]:
+    """Random 8-bit images (C, H, W), as a dataloader yields them before the data preprocessor."""
+    return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(batch)]
+
+
+def _classification_batch(batch: int, size: int, classes: int) -> Dict:
+    """Images with one random class label each."""
+    from mmpretrain.structures import DataSample
+    return {'inputs': _images(batch, size),
+            'data_samples': [DataSample().set_gt_label(int(label))
+                             for label in torch.randint(classes, (batch,))]}
+
+
+def _detection_batch(batch: int, size: int, classes: int, boxes: int = 8) -> Dict:
+    """Images with ``boxes`` random ground-truth boxes each, 16 to ``size / 2 + 16`` pixels wide."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    samples = []
+    for _ in range(batch):
+        corner = torch.rand(boxes, 2) * size / 2
+        extent = torch.rand(boxes, 2) * size / 2 + 16
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.cat([corner, corner + extent], 1).clamp(max=size),
+            labels=torch.randint(classes, (boxes,)))
+        samples.append(sample)
+    return {'inputs': _images(batch, size), 'data_samples': samples}
+
+
+def _segmentation_batch(batch: int, size: int, classes: int) -> Dict:
+    """Images with a random class label per pixel."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(classes, (1, size, size)))
+        samples.append(sample)
+    return {'inputs': _images(batch, size), 'data_samples': samples}
+
+
+def _two_view_batch(batch: int, size: int) -> Dict:
+    """Two views of each image, stacked per view (MoCo's pipeline with default_collate)."""
+    from mmpretrain.structures import DataSample
+    return {'inputs': [torch.stack(_images(batch, size)) for _ in range(2)],
+            'data_samples': [DataSample() for _ in range(batch)]}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """A model of the memory study.
+
+    Attributes:
+        title: its name in the printed table.
+        config: its config: 'scope::path' in an installed codebase, or a path in this repo.
+        make_batch: ``(batch size, image size) -> data`` as a dataloader gives it to the model's
+            data preprocessor (random images and labels).
+        batch: default batch size.
+        image_size: default image side.
+    """
+
+    title: str
+    config: str
+    make_batch: Callable[[int, int], Dict]
+    batch: int
+    image_size: int
+
+
+# Classifiers at ImageNet's training size and this study's historical batch of 16. The detection
+# and segmentation presets at their recipe's per-GPU batch of 2, on 512x512 images (COCO's are
+# 1333x800, Cityscapes crops 512x1024) so that a step takes seconds on a CPU; FCN's dilated
+# ResNet (stages 3-4 at 1/8 resolution) costs ~5x Semantic FPN's, hence 256x256. MoCo v2 at 16
+# pairs of 224x224 views (upstream: 32 per GPU), the batch of the classifiers.
+BENCH_MODELS: Dict[str, BenchModel] = {
+    'resnet50': BenchModel('mmpretrain ResNet-50', 'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+                           functools.partial(_classification_batch, classes=1000), 16, 224),
+    'vit-b16': BenchModel('mmpretrain ViT-B/16',
+                          'mmpretrain::vision_transformer/vit-base-p16_64xb64_in1k.py',
+                          functools.partial(_classification_batch, classes=1000), 16, 224),
+    'swin-t': BenchModel('mmpretrain Swin-T',
+                         'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+                         functools.partial(_classification_batch, classes=1000), 16, 224),
+    'faster-rcnn': BenchModel('Faster R-CNN R50-FPN (preset)',
+                              'configs/actnn/faster_rcnn_r50_1gpu.py',
+                              functools.partial(_detection_batch, classes=80), 2, 512),
+    'retinanet': BenchModel('RetinaNet R50-FPN (preset)', 'configs/actnn/retinanet_r50_1gpu.py',
+                            functools.partial(_detection_batch, classes=80), 2, 512),
+    'fcn': BenchModel('FCN R50-D8 (preset)', 'configs/actnn/fcn_r50_1gpu.py',
+                      functools.partial(_segmentation_batch, classes=19), 2, 256),
+    'fpn': BenchModel('Semantic FPN R50 (preset)', 'configs/actnn/fpn_r50_1gpu.py',
+                      functools.partial(_segmentation_batch, classes=19), 2, 512),
+    'mocov2': BenchModel('MoCo v2 R50 (preset)', 'configs/actnn/moco_r50_v2_1gpu.py',
+                         _two_view_batch, 16, 224),
+}
+
+
+class Unsupported(Exception):
+    """A method the model cannot run (e.g. checkpointing in a backbone without ``with_cp``)."""
+
+
+def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
+    """Model ``name`` of :data:`BENCH_MODELS` with plain torch layers, untrained.
+
+    The config's model as a Runner builds it (the top-level data preprocessor as default),
+    without pretrained weights; a transformer's position embedding and the segmentation
+    preprocessor's padding are sized for ``image_size``. Layers a preset builds as ActNN layers
+    are reverted, so every method starts from the upstream model.
+
+    Raises:
+        Unsupported: ``with_cp`` and the backbone takes no such argument.
+    """
+    import actnn_mm
+    from mmengine.config import Config
+    from mmengine.hub import get_config
+    from mmengine.registry import MODELS, DefaultScope
+
+    path = BENCH_MODELS[name].config
+    cfg = get_config(path) if '::' in path else Config.fromfile(os.path.join(REPO, path))
+    model_cfg = cfg.model
+    model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    model_cfg.pop('pretrained', None)
+    model_cfg.backbone.init_cfg = None
+    if 'img_size' in model_cfg.backbone:
+        model_cfg.backbone.img_size = image_size
+    if 'size' in (model_cfg.data_preprocessor or {}):
+        model_cfg.data_preprocessor.size = (image_size, image_size)
+    if with_cp:
+        model_cfg.backbone.with_cp = True
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        try:
+            model = MODELS.build(model_cfg)
+        except TypeError as e:
+            if with_cp and 'with_cp' in str(e):
+                raise Unsupported(f'{model_cfg.backbone.type} takes no with_cp') from e
+            raise
+    return actnn_mm.revert(model)
 
 
 def _rss_bytes() -> int:
@@ -113,7 +254,11 @@ def _rss_bytes() -> int:
 
 
 class _SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the unique storages autograd saves, parameters excluded."""
+    """Counts the unique storages autograd saves, parameters excluded.
+
+    Only the innermost saved-tensor hooks run: entered outside generic mode, it sees nothing of
+    what generic mode packs (which :class:`GenericStats` counts) and does not disable it.
+    """
 
     def __init__(self, params: List[torch.Tensor]) -> None:
         self.skip = {p.untyped_storage().data_ptr() for p in params}
@@ -137,99 +282,183 @@ METHODS = ('FP32', 'AMP', 'CP', 'L0', 'L1', 'L2', 'L3', 'L4', 'L5')
 
 @dataclasses.dataclass
 class _Training:
-    """A ResNet-50 set up to train with one method on one random batch.
+    """A model set up to train with one method on one random batch.
 
     Attributes:
         model: the model (converted for the L levels, ``with_cp=True`` for CP).
         optimizer: SGD with momentum over its parameters.
-        forward: computes the loss of the batch (under autocast for AMP).
+        forward: computes the loss of the batch (under autocast for AMP, in generic mode at L3+).
         step: one training step (zero grads, forward, backward, optimizer step).
+        generic: the generic-mode context the forward runs in (L3 and above), else None.
     """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     forward: Callable[[], torch.Tensor]
     step: Callable[[], None]
+    generic: Optional['compress_saved_tensors']
 
 
-def _training(method: str, batch: int, image_size: int, device: torch.device) -> _Training:
-    """Build the model, optimizer, batch and step of ``method`` (one of :data:`METHODS`).
+def _training(name: str, method: str, batch: int, image_size: int,
+              device: torch.device) -> _Training:
+    """Build model ``name``, optimizer, batch and step of ``method`` (one of :data:`METHODS`).
 
-    AMP autocasts to bfloat16 on the CPU and float16 on CUDA; the level is set before the model
-    touches the device, so L5's allocator setting takes effect.
+    The batch goes through the model's data preprocessor once (in training mode, with its batch
+    augments); each forward computes the model's losses on it and sums them, as a training step
+    does. AMP autocasts to bfloat16 on the CPU and float16 on CUDA. The level is set before the
+    model touches the device, so L5's allocator setting takes effect; from L3 on, the forward
+    also runs in generic mode, as :class:`~actnn_mm.mm.ActNNHook` does.
+
+    Raises:
+        Unsupported: the model cannot run ``method``.
     """
     import actnn_mm
 
-    if method.startswith('L'):
-        actnn_mm.set_optimization_level(method)
+    level = method if method in LEVELS else None
+    if level:
+        actnn_mm.set_optimization_level(level)
     torch.manual_seed(0)
-    model = _resnet50(with_cp=method == 'CP').to(device)
+    model = _build(name, image_size, with_cp=method == 'CP').to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if method.startswith('L'):
+    if level:
         actnn_mm.QModule(model)
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    generic = (actnn_mm.compress_saved_tensors(model)
+               if level and LEVELS.index(level) >= LEVELS.index('L3') else None)
+    data = model.data_preprocessor(BENCH_MODELS[name].make_batch(batch, image_size),
+                                   training=True)
     autocast = torch.autocast(device.type, enabled=method == 'AMP',
                               dtype=torch.bfloat16 if device.type == 'cpu' else torch.float16)
 
     def forward() -> torch.Tensor:
-        with autocast:
-            return torch.nn.functional.cross_entropy(model.head(model.extract_feat(x)), y)
+        with autocast, generic or contextlib.nullcontext():
+            return model.parse_losses(model(**data, mode='loss'))[0]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)
         forward().backward()
         optimizer.step()
 
-    return _Training(model, optimizer, forward, step)
+    return _Training(model, optimizer, forward, step, generic)
 
 
-def memory_probe(args: argparse.Namespace) -> None:
-    """One method in a fresh process: activation bytes after forward, and step time (JSON out)."""
+def measure_memory(name: str, method: str, batch: int, image_size: int, steps: int) -> Dict:
+    """Activation memory held after the forward pass of one training step, and step time.
+
+    Run it in a fresh process under ``MALLOC_MMAP_THRESHOLD_=65536`` for a meaningful RSS.
+
+    Returns:
+        ``method``; ``rss_bytes``: RSS growth over the forward pass; ``counted_bytes``: what
+        autograd saves outside generic mode (unique storages, parameters excluded) + what the
+        ActNN layers hold + what generic mode keeps (``generic_bytes`` compressed,
+        ``generic_kept_bytes`` left in full precision by reason, counted at each save);
+        ``step_seconds``: median of ``steps`` steps, the measured one first; ``load_average``:
+        1-minute load average at the end. Only ``method`` and ``unsupported`` (the reason) when
+        the model cannot run it: CP with a backbone without ``with_cp``, AMP through an op
+        without a bfloat16 CPU kernel.
+    """
     from actnn_mm.layers.saved import held_bytes
 
-    run = _training(args.method, args.batch, args.image_size, torch.device('cpu'))
-    run.step()  # gradients and optimizer state exist from here on
+    try:
+        run = _training(name, method, batch, image_size, torch.device('cpu'))
+        run.step()  # warm-up; gradients and optimizer state exist from here on
+    except Unsupported as e:
+        return {'method': method, 'unsupported': str(e)}
+    except RuntimeError as e:  # an op without a bfloat16 CPU kernel (e.g. mmcv's nms)
+        if method != 'AMP':
+            raise
+        where = os.path.relpath(traceback.extract_tb(e.__traceback__)[-1].filename,
+                                os.path.dirname(os.path.dirname(torch.__file__)))
+        return {'method': method, 'unsupported': f'fails in {where}: {str(e).splitlines()[0]}'}
     gc.collect()
-    before_rss, before_held = _rss_bytes(), held_bytes()
     counter = _SavedTensorCounter(list(run.model.parameters()))
-    with counter:
+    # The measured step is the first timed one: the counter costs microseconds per saved tensor.
+    start = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=False)
+    before_rss, before_held = _rss_bytes(), held_bytes()
+    with counter:  # outside generic mode, which the forward enters at L3+
         loss = run.forward()
     after_rss = _rss_bytes()
-    counted = counter.nbytes + held_bytes() - before_held
+    generic = run.generic.stats if run.generic else GenericStats()
+    kept = dict(generic.kept_bytes)
+    counted = (counter.nbytes + held_bytes() - before_held + generic.saved_bytes
+               + sum(kept.values()))
     loss.backward()
     run.optimizer.step()
     del loss
-    print(json.dumps({'method': args.method, 'rss_bytes': after_rss - before_rss,
-                      'counted_bytes': counted,
-                      'step_seconds': _median_seconds(run.step, args.steps)}))
+    seconds = [time.perf_counter() - start]
+    for _ in range(steps - 1):
+        start = time.perf_counter()
+        run.step()
+        seconds.append(time.perf_counter() - start)
+    return {'method': method, 'rss_bytes': after_rss - before_rss, 'counted_bytes': counted,
+            'generic_bytes': generic.saved_bytes, 'generic_kept_bytes': kept,
+            'step_seconds': statistics.median(seconds), 'load_average': os.getloadavg()[0]}
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """:func:`measure_memory` in this process, printed as one JSON line."""
+    print(json.dumps(measure_memory(args.model, args.method, args.batch, args.image_size,
+                                    args.steps)))
+
+
+def _run_memory_probe(method: str, args: argparse.Namespace) -> Dict:
+    """:func:`memory_probe` in a fresh process, whose freed memory leaves its RSS at once."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    cmd = [sys.executable, __file__, '_memory_probe', '--model', args.model, '--method', method,
+           '--batch', str(args.batch), '--image-size', str(args.image_size),
+           '--steps', str(args.steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f'{args.model} {method} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_cells(row: Dict, base: Dict) -> List[str]:
+    """A row of the memory table: figures and ratios to ``base`` (FP32), '-' if unsupported."""
+    if 'unsupported' in row:
+        return [row['method'], '-', '-', '-', '-', '-', '-', '-', row['unsupported']]
+    mib = [row['rss_bytes'] / 2**20, row['counted_bytes'] / 2**20, row['generic_bytes'] / 2**20]
+    return [row['method'], *(f'{v:.1f}' for v in mib),
+            f"{base['rss_bytes'] / max(row['rss_bytes'], 1):.2f}x",
+            f"{base['counted_bytes'] / max(row['counted_bytes'], 1):.2f}x",
+            f"{row['step_seconds']:.2f}", f"{row['step_seconds'] / base['step_seconds']:.2f}x",
+            f"{row['load_average']:.1f}"]
 
 
 def memory(args: argparse.Namespace) -> Dict:
     """Activation memory after the forward pass and step time of each method, side by side."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')  # freed memory leaves RSS at once
+    spec = BENCH_MODELS[args.model]
+    args.batch = args.batch or spec.batch
+    args.image_size = args.image_size or spec.image_size
+    load = [os.getloadavg()[0]]  # step times are only comparable on an otherwise idle machine
     rows = []
     for method in args.methods:
-        cmd = [sys.executable, __file__, '_memory_probe', '--method', method, '--batch',
-               str(args.batch), '--image-size', str(args.image_size), '--steps', str(args.steps)]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f'  measured {method}', flush=True)
-    base = next((r for r in rows if r['method'] == 'FP32'), rows[0])
-    print(f'mmpretrain ResNet-50, batch {args.batch}, {args.image_size}x{args.image_size}, '
-          f'{torch.get_num_threads()} threads; activation memory held after the forward pass')
-    print(f"{'method':>6} | {'RSS MiB':>8} | {'counted MiB':>11} | {'less (RSS)':>10} | "
-          f"{'less (counted)':>14} | {'step s':>7} | {'step time':>9}")
+        row = _run_memory_probe(method, args)
+        rows.append(row)
+        print(f'  {args.model} {method}: ' + (row.get('unsupported') or (
+            f"RSS {row['rss_bytes'] / 2**20:.1f} MiB, counted "
+            f"{row['counted_bytes'] / 2**20:.1f} MiB ({row['generic_bytes'] / 2**20:.1f} "
+            f"compressed in generic mode), step {row['step_seconds']:.2f} s, "
+            f"load {row['load_average']:.1f}")), flush=True)
+    load.append(os.getloadavg()[0])
+    measured = [r for r in rows if 'unsupported' not in r]
+    base = next((r for r in measured if r['method'] == 'FP32'), measured[0])
+    print(f'{spec.title}, batch {args.batch}, {args.image_size}x{args.image_size}, '
+          f'{torch.get_num_threads()} threads, load average {load[0]:.1f} at the start, '
+          f'{load[1]:.1f} at the end; activation memory held after the forward pass, '
+          f'ratios to {base["method"]}')
+    header = ['method', 'RSS MiB', 'counted MiB', 'generic MiB', 'less (RSS)',
+              'less (counted)', 'step s', 'step time', 'load']
+    print(' | '.join(f'{h:>11}' for h in header))
     for r in rows:
-        print(f"{r['method']:>6} | {r['rss_bytes'] / 2**20:>8.1f} | "
-              f"{r['counted_bytes'] / 2**20:>11.1f} | "
-              f"{base['rss_bytes'] / max(r['rss_bytes'], 1):>9.2f}x | "
-              f"{base['counted_bytes'] / max(r['counted_bytes'], 1):>13.2f}x | "
-              f"{r['step_seconds']:>7.2f} | {r['step_seconds'] / base['step_seconds']:>8.2f}x")
-    result = {'model': 'resnet50', 'batch': args.batch, 'image_size': args.image_size,
-              'rows': rows}
-    print('saved', _save('memory', result))
+        print(' | '.join(f'{c:>11}' for c in _memory_cells(r, base)))
+    if {'L4', 'L5'} & set(args.methods):
+        print('L4 and L5 differ from L3 on CUDA only (swap to CPU memory, allocator setting).')
+    result = {'model': args.model, 'title': spec.title, 'batch': args.batch,
+              'image_size': args.image_size, 'threads': torch.get_num_threads(),
+              'load_average': load, 'rows': rows}
+    print('saved', _save(f'memory_{args.model}', result))
     return result
 
 
@@ -314,7 +543,7 @@ def maxbatch_probe(args: argparse.Namespace) -> None:
     """
     device = _device()
     budget = args.budget and args.budget * 2**20
-    run = _training(args.method, args.batch, args.image_size, device)
+    run = _training('resnet50', args.method, args.batch, args.image_size, device)
     for p in run.model.parameters():
         p.grad = torch.zeros_like(p)
     run.optimizer.step()  # zero gradients: creates the momentum buffers, changes no weight
@@ -468,12 +697,12 @@ def main() -> None:
     for name, run in (('memory', memory), ('_memory_probe', memory_probe)):
         p = studies.add_parser(name, help='activation memory and step time per method'
                                if name == 'memory' else argparse.SUPPRESS)
-        p.add_argument('--batch', type=int, default=16)
-        p.add_argument('--image-size', type=int, default=224)
-        p.add_argument('--steps', type=int, default=3)
+        p.add_argument('--model', choices=BENCH_MODELS, default='resnet50')
+        p.add_argument('--batch', type=int, help="default: the model's (BENCH_MODELS)")
+        p.add_argument('--image-size', type=int, help="default: the model's (BENCH_MODELS)")
+        p.add_argument('--steps', type=int, default=3, help='timed training steps')
         if name == 'memory':
-            p.add_argument('--methods', nargs='+', choices=METHODS,
-                           default=['FP32', 'AMP', 'CP', 'L1', 'L2', 'L3', 'L4'])
+            p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
         else:
             p.add_argument('--method', choices=METHODS, required=True)
         p.set_defaults(run=run)

@@ -1,13 +1,17 @@
-"""tools/benchmark.py maxbatch: the search, the report, and real probes in subprocesses."""
+"""tools/benchmark.py: maxbatch (the search, the report, real probes in subprocesses) and the
+memory study of each model family (reduced models, in this process)."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import benchmark
+from test_layers.qchecks import settings
 
 
 def maxbatch_args(**overrides):
@@ -72,3 +76,81 @@ def test_maxbatch_command_tiny_run(tmp_path):
     fp32, l3 = (row['max_batch'] for row in result['rows'])
     assert 0 < fp32 < l3, out
     assert (tmp_path / 'work_dirs' / 'bench' / 'maxbatch.png').exists()
+
+
+# Each model family of the memory study, made small (narrow, shallow, ResNet-18 for the presets)
+# so that a probe takes seconds: the study's own configs underneath, builders, batch makers, data
+# preprocessors and losses. (config override, batch, image size)
+SMALL = {
+    'vit-b16': ("model = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=64, num_layers=2, "
+                "num_heads=2, feedforward_channels=256)), head=dict(in_channels=64))", 2, 224),
+    'swin-t': ("model = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=32, "
+               "depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])), head=dict(in_channels=256))",
+               2, 224),
+    'faster-rcnn': ("model = dict(backbone=dict(depth=18), "
+                    "neck=dict(in_channels=[64, 128, 256, 512]))", 1, 128),
+    'fcn': ("model = dict(backbone=dict(depth=18), decode_head=dict(in_channels=512, channels=64), "
+            "auxiliary_head=dict(in_channels=256, channels=32))", 1, 64),
+    'mocov2': ("model = dict(backbone=dict(depth=18), queue_len=4096, "
+               "neck=dict(in_channels=512, hid_channels=512))", 2, 64),
+}
+
+
+@pytest.fixture
+def small_models(tmp_path, monkeypatch):
+    """BENCH_MODELS with the SMALL variants: configs inheriting the study's. One intra-op
+    thread (conftest restores the count): OpenMP barriers on a busy 2-core machine make each
+    small op take milliseconds."""
+    torch.set_num_threads(1)
+    for name, (override, _, _) in SMALL.items():
+        config = benchmark.BENCH_MODELS[name].config
+        base = config if '::' in config else os.path.join(benchmark.REPO, config)
+        path = tmp_path / f'{name}.py'
+        path.write_text(f"_base_ = '{base}'\n{override}\n")
+        monkeypatch.setitem(benchmark.BENCH_MODELS, name,
+                            dataclasses.replace(benchmark.BENCH_MODELS[name], config=str(path)))
+
+
+@pytest.mark.parametrize('name', sorted(SMALL))
+def test_memory_probe_compresses_each_model_family(name, small_models):
+    _, batch, size = SMALL[name]
+    with settings('L3'):  # the probe sets the level: restore the config after
+        fp32, l3 = (benchmark.measure_memory(name, method, batch, size, steps=1)
+                    for method in ('FP32', 'L3'))
+    assert fp32['generic_bytes'] == 0 and fp32['counted_bytes'] > 0 and fp32['step_seconds'] > 0
+    assert l3['counted_bytes'] < fp32['counted_bytes'] / 4
+    # Generic mode ran (the counter did not shadow it) and its bytes are counted.
+    assert l3['counted_bytes'] >= l3['generic_bytes'] + sum(l3['generic_kept_bytes'].values())
+    if name in ('vit-b16', 'swin-t'):  # attention: compressed in generic mode only
+        assert l3['generic_bytes'] > 0.1 * l3['counted_bytes']
+
+
+def test_amp_through_an_op_without_bfloat16_cpu_kernel_is_unsupported(small_models):
+    amp = benchmark.measure_memory('faster-rcnn', 'AMP', 1, 64, steps=1)
+    assert amp['unsupported'].startswith('fails in mmcv/ops/nms.py')  # no bfloat16 CPU kernel
+
+
+def test_memory_table_and_json_per_model(out_dir, monkeypatch, capsys):
+    def probe(method, args):
+        if method == 'CP':
+            return {'method': 'CP', 'unsupported': 'VisionTransformer takes no with_cp'}
+        scale = {'FP32': 8, 'L3': 1}[method]
+        return {'method': method, 'rss_bytes': scale * 2**20, 'counted_bytes': scale * 2**20,
+                'generic_bytes': 2**19 if method == 'L3' else 0, 'generic_kept_bytes': {},
+                'step_seconds': 3.0 if method == 'L3' else 2.0, 'load_average': 1.0}
+
+    monkeypatch.setattr(benchmark, '_run_memory_probe', probe)
+    args = argparse.Namespace(model='vit-b16', batch=None, image_size=None, steps=1,
+                              methods=['FP32', 'CP', 'L3'])
+    result = benchmark.memory(args)
+    table = capsys.readouterr().out
+    assert 'batch 16, 224x224' in table and 'takes no with_cp' in table
+    assert '8.00x' in table and '1.50x' in table  # memory and step-time ratios to FP32
+    saved = json.loads((out_dir / 'memory_vit-b16.json').read_text())
+    assert saved == result and [r['method'] for r in saved['rows']] == ['FP32', 'CP', 'L3']
+
+
+def test_memory_probe_in_a_subprocess_reports_checkpointing_unsupported():
+    args = argparse.Namespace(model='vit-b16', batch=1, image_size=32, steps=1)
+    assert benchmark._run_memory_probe('CP', args) == {
+        'method': 'CP', 'unsupported': 'VisionTransformer takes no with_cp'}
