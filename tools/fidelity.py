@@ -1,7 +1,9 @@
-"""Fidelity of activation-compressed training on real data: scikit-learn's handwritten digits.
+"""Fidelity of activation-compressed training on real data: scikit-learn's handwritten digits,
+and the loss curves of the demo Faster R-CNN.
 
     python tools/fidelity.py gradient [--model resnet18 --image-size 64 --levels L1 L2 L3]
     python tools/fidelity.py convergence [--levels FP32 L2 L3 --seeds 0 1 2 --epochs 20]
+    python tools/fidelity.py detection [--levels FP32 L3 --seeds 0 --iters 60]
 
 ``gradient``: for one fixed batch, the bias and variance of the gradient under each level against
 the full-precision gradient, next to the minibatch (SGD) variance of the full-precision gradient,
@@ -11,27 +13,45 @@ quantization variance, so the latter must be small next to the former. Per layer
 ``convergence``: a small ResNet-style CNN trained on the digits with each level and several
 seeds; the test accuracy (mean, spread) and loss curves per level.
 
-Both print a table and save JSON and a PNG plot under work_dirs/bench/. The digits (1797 8x8
-images, 10 classes) ship with scikit-learn, so nothing is downloaded.
+``detection``: the Faster R-CNN preset on generated COCO-format demo data
+(``configs/demo/faster_rcnn_r50_demo.py`` through ``tools/train.py``'s config handling), trained
+from the same seed at each level; its losses per iteration. ``L3-nogeneric`` is L3 without
+generic mode (``actnn=dict(level='L3', generic=False)``).
+
+Each prints a table and saves JSON and a PNG plot under work_dirs/bench/. The digits (1797 8x8
+images, 10 classes) ship with scikit-learn and the demo images are drawn, so nothing is
+downloaded.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
+import os
 import statistics
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torchvision
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
 from torch import nn
 from tqdm import tqdm
 
 import actnn_mm
+import benchmark
+from actnn_mm.allocate import allocator
 from actnn_mm.config import LEVELS
 from benchmark import _pyplot, _save, _save_figure
+from make_demo_data import make_coco
+from train import build_config
 
 CHOICES = ('FP32',) + LEVELS
+NO_GENERIC = '-nogeneric'  # suffix of a detection level: without generic mode
+DETECTION_CHOICES = CHOICES + tuple(level + NO_GENERIC for level in LEVELS[LEVELS.index('L3'):])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, 'configs', 'demo', 'faster_rcnn_r50_demo.py')
+DETECTION_LOSSES = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox')
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 
@@ -99,23 +119,30 @@ MODELS = {'digits_cnn': digits_cnn, 'resnet18': resnet18}
 
 
 @contextlib.contextmanager
+def _config_restored() -> Iterator[None]:
+    """Restores the global :data:`actnn_mm.config` on exit, whatever the body set."""
+    saved = dataclasses.asdict(actnn_mm.config)
+    try:
+        yield
+    finally:
+        actnn_mm.config.level = saved.pop('level')
+        for name, value in saved.items():
+            setattr(actnn_mm.config, name, value)
+
+
+@contextlib.contextmanager
 def converted(model: nn.Module, level: str) -> Iterator[nn.Module]:
     """A copy of ``model`` converted at ``level`` ('FP32': left as it is).
 
     The level is set through :func:`actnn_mm.set_optimization_level` and the copy converted by
     :func:`actnn_mm.QModule`, as a user does; the global config is restored on exit.
     """
-    saved = dataclasses.asdict(actnn_mm.config)
-    try:
+    with _config_restored():
         model = copy.deepcopy(model)
         if level != 'FP32':
             actnn_mm.set_optimization_level(level)
             actnn_mm.QModule(model)
         yield model
-    finally:
-        actnn_mm.config.level = saved.pop('level')
-        for name, value in saved.items():
-            setattr(actnn_mm.config, name, value)
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -382,6 +409,174 @@ def _plot_convergence(result: Dict) -> str:
     return _save_figure(fig, 'convergence')
 
 
+# ---------------------------------------------------------------------------------- detection
+
+
+class _LossRecorder(Hook):
+    """Keeps every training iteration's losses and the images of its batch, as (img_id, flipped).
+
+    Args:
+        description: label of the progress bar.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.losses: Dict[str, List[float]] = {key: [] for key in DETECTION_LOSSES}
+        self.batches: List[List[Tuple[int, bool]]] = []
+        self._progress: Optional[tqdm] = None
+
+    def before_train(self, runner: Runner) -> None:
+        self._progress = tqdm(total=runner.max_iters, desc=self.description, unit='iter',
+                              leave=False)
+
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Optional[Dict] = None,
+                         outputs: Optional[Dict] = None) -> None:
+        for key in DETECTION_LOSSES:
+            self.losses[key].append(float(outputs[key].detach()))
+        self.batches.append([(s.img_id, bool(s.flip)) for s in data_batch['data_samples']])
+        self._progress.update()
+
+    def after_train(self, runner: Runner) -> None:
+        self._progress.close()
+
+
+def train_detector(level: str, seed: int, data_root: str, work_dir: str,
+                   args: argparse.Namespace) -> Dict:
+    """Train the demo Faster R-CNN config (``configs/demo``) at ``level``, as ``tools/train.py``
+    would; the losses of every iteration.
+
+    FP32 is the same config without the ``actnn`` key and with the ActNN layers its
+    ``conv_cfg``/``norm_cfg`` name reverted to torch's (:func:`actnn_mm.revert`): the upstream
+    model, nothing compressed. The seed fixes the initial weights, the batch order and the flips,
+    so the levels see the same images in the same order; the rounding noise follows it too (and
+    so shifts the draws of mmdet's RoI samplers, which share torch's generator). Validation and
+    checkpoints are left out.
+
+    Args:
+        level: 'FP32', an optimization level, or one with the ``-nogeneric`` suffix.
+        seed: the Runner's random seed.
+        data_root: COCO-format data from ``tools/make_demo_data.py``.
+        work_dir: the run's log folder.
+        args: ``iters``, ``batch``, ``lr``, ``image_size`` of the study.
+
+    Returns:
+        ``seed``, ``losses`` (per loss name, one value per iteration), ``batches`` (per
+        iteration, the (img_id, flipped) of each image) and ``avg_bits`` (of the last step; None
+        for FP32).
+    """
+    actnn = None
+    if level != 'FP32':
+        actnn = dict(level=level.removesuffix(NO_GENERIC))
+        if level.endswith(NO_GENERIC):
+            actnn['generic'] = False
+    options = {
+        'actnn': actnn,
+        'randomness': dict(seed=seed),
+        'train_dataloader.batch_size': args.batch,
+        'train_dataloader.dataset.data_root': data_root,
+        'train_cfg.max_iters': args.iters,
+        'optim_wrapper.optimizer.lr': args.lr,
+        'val_dataloader': None, 'val_cfg': None, 'val_evaluator': None,
+        'default_hooks.checkpoint': None,
+        'log_level': 'WARNING',
+    }
+    cfg = build_config(argparse.Namespace(
+        config=DEMO_CONFIG, cfg_options=options, launcher='none', work_dir=work_dir, amp=False,
+        auto_scale_lr=False, resume=None))
+    for transform in cfg.train_dataloader.dataset.pipeline:
+        if transform.type == 'Resize':
+            transform.scale = (args.image_size, args.image_size)
+    with _config_restored():
+        allocator.reset()  # no gradient statistics of the samples from an earlier run
+        runner = Runner.from_cfg(cfg)
+        if actnn is None:
+            actnn_mm.revert(runner.model)
+        recorder = _LossRecorder(f'{level} seed {seed}')
+        runner.register_hook(recorder, priority='LOWEST')
+        runner.train()
+    bits = runner.message_hub.log_scalars.get('train/actnn/avg_bits')
+    return {'seed': seed, 'losses': recorder.losses, 'batches': recorder.batches,
+            'avg_bits': None if bits is None else bits.current()}
+
+
+def _smoothed(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average of ``values`` (over fewer values at the start)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def detection(args: argparse.Namespace) -> Dict:
+    """Loss curves of the demo Faster R-CNN config per level, trained from the same seeds."""
+    work = os.path.join(benchmark.OUT_DIR, 'detection')
+    data_root = os.path.join(work, 'coco')
+    make_coco(data_root, args.images, 1, args.image_size, seed=0)
+    runs = [(level, seed) for seed in args.seeds for level in args.levels]
+    rows: Dict[str, Dict] = {level: {'level': level, 'runs': []} for level in args.levels}
+    for level, seed in tqdm(runs, desc='detection', unit='run'):
+        run = train_detector(level, seed, data_root, os.path.join(work, f'{level}_seed{seed}'),
+                             args)
+        for key, values in run['losses'].items():
+            run[f'start_{key}'] = float(np.mean(values[:args.window]))
+            run[f'end_{key}'] = float(np.mean(values[-args.window:]))
+        rows[level]['runs'].append(run)
+    base = rows[args.levels[0]]
+    for row in rows.values():  # the runs of each level are in seed order
+        row['gap'] = [run['end_loss'] - ref['end_loss']
+                      for run, ref in zip(row['runs'], base['runs'])]
+        row['relative_gap'] = [run['end_loss'] / ref['end_loss'] - 1
+                               for run, ref in zip(row['runs'], base['runs'])]
+    result = {'config': os.path.relpath(DEMO_CONFIG, REPO), 'images': args.images,
+              'image_size': args.image_size, 'batch': args.batch, 'iters': args.iters,
+              'lr': args.lr, 'window': args.window, 'seeds': args.seeds,
+              'rows': list(rows.values())}
+    _print_detection_table(result)
+    print('saved', _save('detection', result), _plot_detection(result))
+    return result
+
+
+def _print_detection_table(result: Dict) -> None:
+    print(f"Faster R-CNN R50-FPN ({result['config']}) from scratch on {result['images']} demo "
+          f"images at {result['image_size']} px, batch {result['batch']}, lr {result['lr']}, "
+          f"{result['iters']} iterations; losses averaged over {result['window']} iterations")
+    ref = result['rows'][0]['level']
+    print(f"{'level':>12} | {'seed':>4} | {'loss start':>10} | {'loss end':>8} | "
+          + ' | '.join(f'{key:>13}' for key in DETECTION_LOSSES[1:])
+          + f" | {'avg bits':>8} | {'end vs ' + ref:>16}")
+    for row in result['rows']:
+        for run, gap, relative in zip(row['runs'], row['gap'], row['relative_gap']):
+            bits = '-' if run['avg_bits'] is None else f"{run['avg_bits']:.2f}"
+            print(f"{row['level']:>12} | {run['seed']:>4} | {run['start_loss']:>10.3f} | "
+                  f"{run['end_loss']:>8.3f} | "
+                  + ' | '.join(f"{run['end_' + key]:>13.3f}" for key in DETECTION_LOSSES[1:])
+                  + f" | {bits:>8} | {gap:>+7.3f} ({relative:>+6.1%})")
+
+
+def _plot_detection(result: Dict) -> str:
+    """Each loss per iteration and level: the smoothed mean over seeds, the raw values faint."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(DETECTION_LOSSES), figsize=(4 * len(DETECTION_LOSSES), 3.8),
+                             constrained_layout=True)
+    for row in result['rows']:
+        end = statistics.fmean(run['end_loss'] for run in row['runs'])
+        for ax, key in zip(axes, DETECTION_LOSSES):
+            raw = np.mean([run['losses'][key] for run in row['runs']], axis=0)
+            iters = np.arange(1, len(raw) + 1)
+            line, = ax.plot(iters, _smoothed(raw, result['window']),
+                            label=f"{row['level']}: final loss {end:.3f}")
+            ax.plot(iters, raw, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    for ax, key in zip(axes, DETECTION_LOSSES):
+        ax.set_title(key)
+        ax.set_xlabel('iteration')
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Faster R-CNN R50-FPN on {result['images']} demo images "
+                 f"({result['image_size']} px), seeds {result['seeds']}: smoothed over "
+                 f"{result['window']} iterations (faint: per iteration)")
+    return _save_figure(fig, 'detection')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the study named on the command line (``argv``: None reads ``sys.argv``)."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -407,6 +602,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument('--lr', type=float, default=0.1)
     p.add_argument('--image-size', type=int, default=16)
     p.set_defaults(run=convergence)
+    p = studies.add_parser('detection', help='loss curves of the demo Faster R-CNN per level')
+    p.add_argument('--levels', nargs='+', choices=DETECTION_CHOICES, default=['FP32', 'L3'],
+                   help='the first is the reference')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0])
+    p.add_argument('--iters', type=int, default=60)
+    p.add_argument('--images', type=int, default=4, help='demo training images')
+    p.add_argument('--image-size', type=int, default=128)
+    p.add_argument('--batch', type=int, default=2)
+    p.add_argument('--lr', type=float, default=0.02,
+                   help="8x the preset's lr scaled to batch 2: overfits the images quickly")
+    p.add_argument('--window', type=int, default=10,
+                   help='iterations averaged for the smoothed curves and start/end losses')
+    p.set_defaults(run=detection)
     for p in studies.choices.values():
         p.add_argument('--threads', type=int, default=1,
                        help='intra-op threads (the tensors are small: more threads mostly wait)')
