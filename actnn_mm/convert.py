@@ -15,8 +15,10 @@ from torch import nn
 
 from .config import config
 from .generic import report_first_step
+from .inplace import mark_inplace_norms
 from .layers import (LAYERS, QConv2d, QConv3d, QConvTranspose2d, QConvTranspose3d, QLayer,
                      QLinear, QMaxPool2d, QSyncBatchNorm)
+from .layers.norm import INPLACE_INPUT
 
 logger = logging.getLogger('actnn_mm')
 
@@ -103,7 +105,8 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
     Exact instances of the supported torch classes are converted (subclasses are skipped: they
     may have their own forward), and those of mmengine's ``_BatchNormXd`` (reverted SyncBatchNorm)
     to QSyncBatchNorm; ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits which
-    families are. Converting twice is a no-op.
+    families are. BatchNorm layers that only a convolution feeds are marked to normalize in place
+    (:mod:`actnn_mm.inplace`). Converting twice is a no-op.
 
     Args:
         model: any module, e.g. a DDP wrapper (its wrapped module is converted).
@@ -134,6 +137,7 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
                     module.__dict__.setdefault('process_group', None)
             module.__class__ = target
             summary.converted[cls.__name__] += 1
+    mark_inplace_norms(model)
     return model, summary
 
 
@@ -175,6 +179,6 @@ def revert(model: nn.Module) -> nn.Module:
         if type(module) in LAYERS:
             module.__class__ = module.__dict__.pop('_actnn_original_class',
                                                    type(module)._actnn_base)
-            for key in ('actnn_saved_bytes', 'actnn_full_bytes'):
+            for key in ('actnn_saved_bytes', 'actnn_full_bytes', INPLACE_INPUT):
                 module.__dict__.pop(key, None)
     return model

@@ -1,4 +1,12 @@
-"""QConv1d/2d/3d and QConvTranspose1d/2d/3d: one autograd Function over ``aten.convolution``."""
+"""QConv1d/2d/3d and QConvTranspose1d/2d/3d: one autograd Function over ``aten.convolution``.
+
+On the CPU, oneDNN runs an NCHW convolution through blocked copies of its activations: the forward
+pass holds an output-sized buffer more than its output, the backward pass about two input-sized
+buffers more than the dequantized input and the gradients. For layers whose activations outweigh
+the weight, the forward pass therefore runs over slices of the batch, and the backward pass in
+channels_last, which oneDNN computes without reordering (its input gradient stays channels_last).
+"""
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +18,42 @@ from .base import QLayer, autocast_inputs, grad_needed
 from .saved import save_activation, saved_activation
 
 Pads = Optional[List[int]]
+
+# Activation elements per weight element from which a CPU layer takes the paths above (below, the
+# weight's own reorders cost more than the activations' ones), and the forward slices.
+_ACTIVATION_TO_WEIGHT = 4
+_FORWARD_SLICES = 8
+
+
+def _activation_heavy(x_shape: Sequence[int], out_numel: int, weight: torch.Tensor,
+                      device: torch.device) -> bool:
+    """Whether a 2-D convolution on the CPU should take the low-memory paths (module doc)."""
+    return (device.type == 'cpu' and len(x_shape) == 4
+            and math.prod(x_shape) + out_numel >= _ACTIVATION_TO_WEIGHT * weight.numel())
+
+
+def _convolution(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 args: tuple) -> torch.Tensor:
+    """``aten.convolution``; over slices of the batch on the CPU for an activation-heavy NCHW
+    layer, so that oneDNN's reorder buffers are slice-sized (the same values up to rounding:
+    oneDNN may pick another kernel for the smaller batch)."""
+    if not (x.shape[0] > 1 and x.is_contiguous() and not args[3]  # args[3]: transposed
+            and _activation_heavy(x.shape, 0, weight, x.device)):
+        return torch.ops.aten.convolution(x, weight, bias, *args)
+    n = x.shape[0]
+    step = -(-n // _FORWARD_SLICES)
+    first = torch.ops.aten.convolution(x[:step], weight, bias, *args)
+    out = first.new_empty((n,) + tuple(first.shape[1:]))
+    out[:step].copy_(first)
+    del first
+    for i in range(step, n, step):
+        out[i:i + step].copy_(torch.ops.aten.convolution(x[i:i + step], weight, bias, *args))
+    return out
+
+
+def made_by_conv(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the output of an ActNN convolution (plain or transposed)."""
+    return isinstance(t.grad_fn, _ConvFunction._backward_cls)
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -26,9 +70,13 @@ class _ConvFunction(torch.autograd.Function):
                 stride: List[int], padding: List[int], dilation: List[int], transposed: bool,
                 output_padding: List[int], groups: int) -> torch.Tensor:
         padded = x if pre_pad is None else F.pad(x, pre_pad, mode=pad_mode)
-        out = torch.ops.aten.convolution(padded, weight, bias, stride, padding, dilation,
-                                         transposed, output_padding, groups)
+        out = _convolution(padded, weight, bias, (stride, padding, dilation, transposed,
+                                                  output_padding, groups))
         save_activation(ctx, module, padded if ctx.needs_input_grad[1] else None, weight)
+        # a compressed input comes back channels_last at no cost; a full-precision one would be
+        # copied, so it keeps torch's path
+        ctx.channels_last = (not transposed and not ctx.actnn_plain
+                             and _activation_heavy(padded.shape, out.numel(), weight, out.device))
         ctx.input_shape = x.shape
         ctx.padded_shape = padded.shape
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -40,12 +88,30 @@ class _ConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        padded, weight = saved_activation(ctx, grad)
+        cl = torch.channels_last
+        padded, weight = saved_activation(ctx, grad, cl if ctx.channels_last else None)
+        needs = list(ctx.needs_input_grad[:3])
         if padded is None:  # only the input gradient is needed: the input's shape suffices
             padded = torch.empty((), dtype=grad.dtype, device=grad.device).expand(
                 ctx.padded_shape)
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, padded, weight, ctx.bias_sizes, *ctx.args, list(ctx.needs_input_grad[:3]))
+        elif ctx.channels_last:  # oneDNN without reorders (module doc)
+            grad = grad.contiguous(memory_format=cl)
+            padded = padded.contiguous(memory_format=cl)  # no copy: dequantized so
+            grad_x = grad_w = grad_b = None
+            if needs[1] or needs[2]:
+                _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    grad, padded, weight, ctx.bias_sizes, *ctx.args, [False] + needs[1:])
+            if needs[0]:
+                padded = None  # the input dies before its gradient is made; the input-gradient
+                # kernel reads only the shape and layout of this never-touched buffer
+                like = torch.empty(ctx.padded_shape, dtype=grad.dtype, device=grad.device,
+                                   memory_format=cl)
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, like, weight, ctx.bias_sizes, *ctx.args, [True, False, False])[0]
+            needs = None
+        if needs is not None:
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, padded, weight, ctx.bias_sizes, *ctx.args, needs)
         if grad_x is not None and ctx.pre_pad is not None:
             grad_x = _pad_vjp(grad_x, ctx.input_shape, ctx.pre_pad, ctx.pad_mode)
         return (grad_x, grad_w, grad_b) + (None,) * 9

@@ -21,9 +21,14 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import QLayer, grad_needed
+from .conv import made_by_conv
 from .saved import compresses, save_activation, saved_activation
 
 Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+# Key in the __dict__ of a layer whose input nothing but the layer reads when it was made by a
+# convolution (set by :func:`actnn_mm.inplace.mark_inplace_norms`)
+INPLACE_INPUT = '_actnn_inplace_input'
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -51,12 +56,54 @@ def _keep_input(ctx: torch.autograd.function.FunctionCtx, module: nn.Module, x: 
     save_activation(ctx, module, kept, *exact)
 
 
+def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.Module,
+                           x: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], training: bool, momentum: float,
+                           eps: float) -> torch.Tensor:
+    """Forward of a layer that keeps its normalized input compressed, with one full-size tensor
+    instead of two: ``xh`` is computed first (training: with the batch statistics, updating the
+    running ones), kept compressed, then turned into the output in place (``xh * w + b``).
+
+    A training layer marked :data:`INPLACE_INPUT` normalizes into ``x`` itself when an ActNN
+    convolution made it: then only ``x`` is full-size (see :mod:`actnn_mm.inplace`).
+    """
+    if training:
+        if module.__dict__.get(INPLACE_INPUT) and made_by_conv(x) \
+                and x.dtype == torch.float32 and x.is_contiguous():
+            mean = x.new_empty(x.shape[1])
+            invstd = torch.empty_like(mean)
+            torch.ops.aten.native_batch_norm.out(x, None, None, running_mean, running_var, True,
+                                                 momentum, eps, out=x, save_mean=mean,
+                                                 save_invstd=invstd)
+            ctx.mark_dirty(x)
+            xh = x
+        else:
+            xh, mean, invstd = torch.ops.aten.native_batch_norm(
+                x, None, None, running_mean, running_var, True, momentum, eps)
+        save_activation(ctx, module, xh, weight, mean, invstd)
+    else:
+        xh = _normalized(x, running_mean, running_var, eps)
+        save_activation(ctx, module, xh, weight, running_mean, running_var)
+    ndim = xh.dim()
+    if weight is not None:
+        shift = _channel_view(bias, ndim) if bias is not None else xh.new_zeros(())
+        torch.addcmul(shift, xh, _channel_view(weight, ndim), out=xh)  # one pass, in place
+    elif bias is not None:
+        xh.add_(_channel_view(bias, ndim))
+    return xh
+
+
 def _sum_squares(xh: torch.Tensor) -> torch.Tensor:
-    """Per-channel float32 sum of ``xh ** 2`` (one pass, no temporary)."""
-    if xh.dim() > 2 and xh.is_contiguous():  # (N, C, L) rows reduce 3x faster than dims 0, 2
-        rows = torch.linalg.vector_norm(xh.flatten(2), 2, dim=2, dtype=torch.float32)
-        return rows.square().sum(0)
-    return torch.linalg.vector_norm(xh, 2, dim=_reduce_dims(xh), dtype=torch.float32) ** 2
+    """Per-channel sum of ``xh ** 2`` in float32 (float64 for float64 ``xh``): the weight
+    gradient of a batch norm of mean 0 and inverse std 1 whose input and output gradient are
+    both ``xh``, one pass in any layout (reductions over dims 0, 2, ... of a channels_last
+    tensor are 30x slower)."""
+    dtype = torch.float64 if xh.dtype == torch.float64 else torch.float32
+    zeros = xh.new_zeros(xh.shape[1], dtype=dtype)
+    ones = torch.ones_like(zeros)
+    return torch.ops.aten.native_batch_norm_backward(xh, xh, ones, None, None, zeros, ones, True,
+                                                     0.0, [False, True, False])[1]
 
 
 def _rounding_bias(mean_xh2: torch.Tensor, weight: Optional[torch.Tensor],
@@ -88,8 +135,25 @@ def _rounding_bias(mean_xh2: torch.Tensor, weight: Optional[torch.Tensor],
 
 def _training_backward(grad: torch.Tensor, xh: torch.Tensor, weight: Optional[torch.Tensor],
                        invstd: torch.Tensor, eps: float, needs: List[bool]) -> Grads:
-    """Training-mode gradients from the rounded normalized input ``xh``."""
+    """Training-mode gradients from the rounded normalized input ``xh``: a dequantized tensor
+    of this backward alone, over which a float32 input gradient is written (no third full-size
+    tensor next to ``grad`` and ``xh``)."""
     scale = invstd if weight is None else invstd * weight
+    if xh.dtype == torch.float32 and needs[0]:
+        ones = torch.ones_like(invstd)
+        _, sum_dy_xh, sum_dy = torch.ops.aten.native_batch_norm_backward(  # per-channel sums
+            grad, xh, ones, None, None, torch.zeros_like(invstd), ones, True, eps,
+            [False, True, True])
+        count = xh.numel() // xh.shape[1]
+        bias = _rounding_bias(_sum_squares(xh) / count, weight, invstd, count, eps)
+        ndim = xh.dim()
+        # scale * (g - mean(g) - xh * mean(g xh)) + bias * g, written over xh
+        grad_x = xh.mul_(_channel_view(-scale * sum_dy_xh / count, ndim))
+        grad_x.addcmul_(grad, _channel_view(scale + bias, ndim))
+        grad_x.sub_(_channel_view(scale * sum_dy / count, ndim))
+        dtype = invstd.dtype if weight is None else weight.dtype
+        return (grad_x, sum_dy_xh.to(dtype) if needs[1] else None,
+                sum_dy.to(dtype) if needs[2] else None)
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(  # xh: mean 0, invstd 1
         grad, xh, scale, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True,
         eps, needs)
@@ -121,23 +185,27 @@ class _BatchNormFunction(torch.autograd.Function):
                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 module: nn.Module, training: bool, momentum: float, eps: float) -> torch.Tensor:
+        ctx.training, ctx.eps = training, eps
+        need_x = any(ctx.needs_input_grad[:2]) if training else ctx.needs_input_grad[1]
+        if need_x and compresses(x, module):
+            ctx.normalized = True
+            return _normalize_then_affine(ctx, module, x, weight, bias, running_mean, running_var,
+                                          training, momentum, eps)
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, training, momentum, eps)
-        if training:
-            need_x = any(ctx.needs_input_grad[:2])
-            _keep_input(ctx, module, x, need_x, mean, invstd.pow(-2) - eps, eps, weight, mean,
-                        invstd)
-        else:
-            _keep_input(ctx, module, x, ctx.needs_input_grad[1], running_mean, running_var, eps,
-                        weight, running_mean, running_var)
-        ctx.training, ctx.eps = training, eps
+        ctx.normalized = False
+        exact = (mean, invstd) if training else (running_mean, running_var)
+        save_activation(ctx, module, x if need_x else None, weight, *exact)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        kept, weight, first, second = saved_activation(ctx, grad)
+        # a channels_last gradient (from a CPU convolution's backward) meets xh in its layout
+        layout = (torch.channels_last if grad.dim() == 4 and not grad.is_contiguous()
+                  and grad.is_contiguous(memory_format=torch.channels_last) else None)
+        kept, weight, first, second = saved_activation(ctx, grad, layout)
         needs = list(ctx.needs_input_grad[:3])
         if ctx.training and kept is None:  # only the bias needs a gradient
             grads = _eval_backward(grad, None, weight, second, needs)

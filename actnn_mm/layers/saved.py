@@ -206,11 +206,13 @@ def _fetch(stored: Union[torch.Tensor, Stored]) -> Union[torch.Tensor, Kept]:
     return stored
 
 
-def load(stored: Union[torch.Tensor, Stored]) -> torch.Tensor:
-    """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized)."""
+def load(stored: Union[torch.Tensor, Stored],
+         memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized;
+    a quantized activation in ``memory_format`` if given, see :func:`dequantize`)."""
     stored = _fetch(stored)
     if isinstance(stored, CompressedTensor):
-        return dequantize(stored)
+        return dequantize(stored) if memory_format is None else dequantize(stored, memory_format)
     if isinstance(stored, PackedInts):
         return unpack_ints(stored)
     return stored
@@ -230,6 +232,10 @@ def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Te
         return values * unpack_ints(packed) * scale
     order = packed.permutation
     ordered = values if order is None else values.permute(order)  # the mask's memory order
+    if not ordered.is_contiguous():  # e.g. a channels_last gradient: no full-size copy of it
+        out = torch.where(unpack_ints(packed), values, values.new_zeros(()),
+                          out=torch.empty_like(values))  # mul would make a float mask
+        return out if scale == 1.0 else out.mul_(scale)
     out = apply_mask(ordered.contiguous(), packed.data, scale)
     if order is None:
         return out
@@ -259,20 +265,23 @@ def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.M
         ctx.actnn_stored = stored
 
 
-def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,
+                     memory_format: Optional[torch.memory_format] = None
                      ) -> Tuple[Optional[torch.Tensor], ...]:
     """``(x, *exact)`` as given to :func:`save_activation`; drops the compressed copy from ctx.
 
     Args:
         ctx: the context :func:`save_activation` filled.
         grad: the gradient of the layer's output (for the adaptive allocator).
+        memory_format: layout wanted for a compressed ``x`` (see :func:`dequantize`); a
+            full-precision ``x`` comes back as it was saved.
     """
     if ctx.actnn_plain:
         return ctx.saved_tensors
     if ctx.actnn_module is not None:
         allocator.observe_grad(ctx.actnn_module, grad)
     stored, ctx.actnn_stored = ctx.actnn_stored, None
-    return (None if stored is None else load(stored), *ctx.saved_tensors)
+    return (None if stored is None else load(stored, memory_format), *ctx.saved_tensors)
 
 
 def _memory_order(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:

@@ -377,3 +377,13 @@ def test_apply_mask_cuda_matches_cpu(dtype):
     values, _, mask = _mask_case(4099, dtype)
     gpu = torch.ops.actnn_mm.apply_mask(values.cuda(), mask.cuda(), 1.5)
     assert torch.equal(gpu.cpu(), torch.ops.actnn_mm.apply_mask(values, mask, 1.5))
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('bits', [2, MIXED])
+def test_dequantize_into_channels_last_is_bit_identical(dtype, bits):
+    x = (torch.randn(37, 5, 6, 7) * 3).to(dtype)  # 37 samples: slices of unequal size
+    c = quantize(x, _bits_for(x, bits), group_size=64)
+    y = dequantize(c, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, dequantize(c))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import actnn_mm
+from actnn_mm.layers import conv as conv_module
 from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
@@ -180,3 +181,40 @@ def test_inplace_change_after_forward_is_harmless_when_compressed():
         act.mul_(0)  # autograd would refuse this for a full-precision saved input
         (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
     assert_close_grads({'weight': q.weight.grad}, {'weight': want['weight']}, rtol=2e-2)
+
+
+@pytest.mark.parametrize('batch', [8, 19, 64])
+def test_forward_over_batch_slices_matches_torch(batch):
+    # an activation-heavy CPU convolution runs over slices of the batch (less memory): the same
+    # values up to rounding (oneDNN may pick another kernel for a smaller batch)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(batch, 4, 12, 12)
+    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    torch.testing.assert_close(conv_module._convolution(x, conv.weight, conv.bias, args),
+                               torch.ops.aten.convolution(x, conv.weight, conv.bias, *args),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('needs', ['input', 'weight', 'both'])
+def test_channels_last_backward_matches_torch(needs):
+    # an activation-heavy CPU convolution differentiates in channels_last (less memory)
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    q = copy.deepcopy(ref)
+    q.__class__ = actnn_mm.QConv2d
+    x = torch.randn(5, 4, 12, 12, requires_grad=needs != 'weight')
+    loss_weight = torch.randn(5, 6, 12, 12)
+    got = {}
+    for name, module in (('want', ref), ('got', q)):
+        module.requires_grad_(needs != 'input')
+        with settings('L2', activation_compression_bits=[8]):
+            (module(x) * loss_weight).sum().backward()
+        got[name] = [t.grad for t in (x, ref.weight, ref.bias)] if name == 'want' else [
+            t.grad for t in (x, q.weight, q.bias)]
+        x.grad = None
+    want, got = got['want'], got['got']
+    assert [g is None for g in got] == [g is None for g in want]
+    if needs != 'weight':  # the input gradient needs no activation: exact up to rounding
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    if needs != 'input':
+        assert_close_grads({'weight': got[1], 'bias': got[2]},
+                           {'weight': want[1], 'bias': want[2]}, rtol=3e-2)

@@ -77,7 +77,8 @@ def test_8bit_close(cls, shape, eval_mode):
     with settings('L2', activation_compression_bits=[8]):
         got = grads(q, [x])
     assert_close_grads(got, want, rtol=3e-2)
-    assert torch.equal(got['out'], want['out'])
+    # normalized, then scaled and shifted in place: within float rounding of torch's fused pass
+    torch.testing.assert_close(got['out'], want['out'], rtol=1e-6, atol=1e-6)
     assert_close_grads({'bias': got['bias']}, {'bias': want['bias']}, rtol=1e-6)  # exact
     assert not torch.equal(got['weight'], want['weight'])
     assert_same_buffers(buffers(q), buffers(ref))
