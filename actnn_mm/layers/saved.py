@@ -232,10 +232,11 @@ def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Te
         return values * unpack_ints(packed) * scale
     order = packed.permutation
     ordered = values if order is None else values.permute(order)  # the mask's memory order
-    if not ordered.is_contiguous():  # e.g. a channels_last gradient: no full-size copy of it
-        out = torch.where(unpack_ints(packed), values, values.new_zeros(()),
-                          out=torch.empty_like(values))  # mul would make a float mask
-        return out if scale == 1.0 else out.mul_(scale)
+    if not ordered.is_contiguous() and _dense_order(values) is not None:
+        # values in another layout than the mask (a channels_last gradient): repacking the mask
+        # in theirs (a byte per value) is 2x faster than any op across the two layouts
+        mask = torch.empty_like(values, dtype=torch.bool).copy_(unpack_ints(packed))
+        return masked(pack_ints(mask, 1), values, scale)
     out = apply_mask(ordered.contiguous(), packed.data, scale)
     if order is None:
         return out
@@ -284,14 +285,20 @@ def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tenso
     return (None if stored is None else load(stored, memory_format), *ctx.saved_tensors)
 
 
+def _dense_order(x: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """The dims of ``x`` from outermost to innermost in memory if ``x`` is a permutation of a
+    contiguous tensor, else None."""
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
 def _memory_order(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:
     """A contiguous view of ``x`` with dims in memory order, and that order (None if identity)."""
     if x.is_contiguous():
         return x, None
-    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
-    permuted = x.permute(order)
-    if permuted.is_contiguous():
-        return permuted, order
+    order = _dense_order(x)
+    if order is not None:
+        return x.permute(order), order
     return x.contiguous(), None
 
 
