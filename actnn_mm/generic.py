@@ -26,6 +26,25 @@ Left in full precision, with the reason counted in :attr:`GenericStats.kept_byte
   not convert): their backward normalizes the saved input with the exact statistics, which
   multiplies its rounding error by 1/std (hundreds of times when a channel has few values).
   Functional ``F.batch_norm`` / ``F.layer_norm`` calls outside such modules are not detected.
+* 'rows': tensors with fewer than :data:`MIN_ROW_VALUES` values per index of dim 0, whose
+  compressed copy would barely shrink or even grow (per-anchor targets of a few columns); and
+  outside loss modules, tensors that do not require grad with fewer than ``min_row_numel``
+  values per index of dim 0 (16384 by default): statistics rather than activations (the fused
+  attention's per-row log-sum-exp, ``F.layer_norm``'s mean and rstd), which backward may read
+  nonlinearly (see :data:`DEFAULT_MIN_ROW_NUMEL`).
+
+Two kinds of saved tensors are compressed otherwise, because their backward is nonlinear in
+them and 2-bit rounding would bias the gradient:
+
+* the output of ``F.relu`` / ``torch.relu``, saved by the relu itself (its backward reads only
+  where it is positive; rounding sends small positive values to 0 and drops their gradient):
+  kept as an exact 1-bit mask, like :class:`~actnn_mm.QReLU`'s;
+* what a loss module of ``model`` (a subclass of torch's ``_Loss``, or a class named '...Loss'
+  as OpenMMLab's CrossEntropyLoss, FocalLoss, L1Loss) saves that requires grad: backward
+  exponentiates a cross-entropy's saved log-probabilities and takes the sign of an L1 loss's
+  saved differences: quantized at 8 bits (:data:`LOSS_BITS`), not the configured bits (targets
+  and weights, read linearly, take the configured bits). Functional losses called outside such
+  modules are not detected.
 
 A tensor saved by several ops (a softmax output read by the next matmul, ``x * x``) is compressed
 once: saves are matched by storage, offset, shape, strides, dtype and version while the tensor
@@ -52,17 +71,35 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
-from .compress import FLOAT_DTYPES, SUPPORTED_BITS, quantize
+from .compress import FLOAT_DTYPES, SUPPORTED_BITS, CompressedTensor, quantize
 from .config import config
 from .layers.base import QLayer
-from .layers.saved import Offloaded, Stored, load, step_boundary
+from .layers.saved import (Offloaded, PackedInts, Stored, load, pack_ints, step_boundary,
+                           unpack_ints)
 from .stats import step_log
 
 logger = logging.getLogger('actnn_mm')
 
 DEFAULT_MIN_BYTES = 64 * 1024
-# Normalization modules (and their subclasses, e.g. mmpretrain's LayerNorm2d).
+# Outside loss modules, tensors saved without requires_grad and with fewer values than this per
+# row (per index of dim 0, the codec's sample axis) stay exact ('rows'): statistics, not
+# activations, e.g. the fused CPU attention's log-sum-exp ((B, heads, L): 2364 values a row for
+# ViT-B/16 at 224 px, 6924 at 384 px), F.layer_norm's mean and rstd. Backward may read them
+# nonlinearly (attention scales each probability by e^-error of its row's log-sum-exp: rounding
+# that alone to 2 bits puts q's gradient 11% off). Tensors that require grad are compressed
+# however short their rows: tokens ((B * L, C) in nn.MultiheadAttention) and heads folded into
+# dim 0 (Swin's windows) are activations; so are a loss's targets and weights (per anchor or
+# pixel, often large), which its backward reads linearly.
+DEFAULT_MIN_ROW_NUMEL = 16384
+# Rows shorter than this stay exact ('rows') in any case: each group of config.group_size values
+# keeps a bfloat16 min and scale (4 bytes), each row 9 bytes more, so a row of n float32 values
+# takes n / 4 + 4 * ceil(n / 256) + 9 bytes at 2 bits: 17 instead of 64 at n = 16, and an
+# (anchors, 1) tensor would grow 3.5-fold.
+MIN_ROW_VALUES = 16
+LOSS_BITS = 8  # for tensors saved inside loss modules (module doc)
+# Normalization modules (and their subclasses, e.g. mmpretrain's LayerNorm2d): 'norm'.
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
           nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 REPORT_MIN_BYTES = 1 << 20
@@ -81,7 +118,7 @@ class GenericStats:
         saved_bytes: bytes of the compressed copies.
         full_bytes: bytes the same tensors take in full precision (what torch would keep).
         kept_bytes: bytes of saved tensors left in full precision, by reason ('type', 'shape',
-            'small', 'norm'), counted at each save.
+            'small', 'rows', 'norm', 'loss'; see the module doc), counted at each save.
     """
 
     compressed: int = 0
@@ -107,6 +144,19 @@ class _Entry:
 
 
 @dataclasses.dataclass
+class _Mask:
+    """A relu output saved for the relu's backward, which reads only where it is positive:
+    kept as a 1-bit mask and restored as 0/1 values of its dtype (exact for that backward)."""
+
+    packed: PackedInts
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.data.nbytes
+
+
+@dataclasses.dataclass
 class _Reshaped:
     """A compressed contiguous tensor, saved again under another shape (e.g. a softmax output
     and its (B * heads, L, L) view read by the next matmul)."""
@@ -123,10 +173,12 @@ def _key(t: torch.Tensor) -> Tuple[Any, ...]:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, t.device) + geometry
 
 
-def _unpack(packed: Union[torch.Tensor, Stored, _Reshaped]) -> torch.Tensor:
+def _unpack(packed: Union[torch.Tensor, Stored, _Reshaped, _Mask]) -> torch.Tensor:
     """The saved tensor (dequantized) from what :meth:`compress_saved_tensors._pack` returned."""
     if isinstance(packed, _Reshaped):
         return load(packed.stored).view(packed.shape)
+    if isinstance(packed, _Mask):
+        return unpack_ints(packed.packed).to(packed.dtype)
     return load(packed)
 
 
@@ -150,9 +202,23 @@ def _is_parameter(t: torch.Tensor, storages: Set[int]) -> bool:
     return leaf is not None and _is_parameter(leaf, storages)
 
 
-def _skip_reason(t: torch.Tensor, storages: Set[int], min_bytes: int) -> Optional[str]:
-    """Why saved tensor ``t`` stays in full precision ('parameter', 'type', 'shape', 'small'),
-    or None to compress it."""
+def _module_reason(module: nn.Module) -> Optional[str]:
+    """'norm' if everything saved inside ``module`` stays in full precision, 'loss' if it is
+    quantized at :data:`LOSS_BITS` (module doc), else None."""
+    if isinstance(module, QLayer):
+        return None
+    if isinstance(module, _NORMS):
+        return 'norm'
+    # OpenMMLab's losses are plain modules named '...Loss' (CrossEntropyLoss, FocalLoss, ...)
+    if isinstance(module, _Loss) or type(module).__name__.endswith('Loss'):
+        return 'loss'
+    return None
+
+
+def _skip_reason(t: torch.Tensor, storages: Set[int], min_bytes: int,
+                 min_row_numel: int) -> Optional[str]:
+    """Why saved tensor ``t`` stays in full precision ('parameter', 'type', 'shape', 'small',
+    'rows'), or None to compress it; ``min_row_numel`` is 0 inside loss modules."""
     if t.layout != torch.strided:
         return 'type'
     if _is_parameter(t, storages):
@@ -163,6 +229,9 @@ def _skip_reason(t: torch.Tensor, storages: Set[int], min_bytes: int) -> Optiona
         return 'shape'
     if t.nbytes < min_bytes:
         return 'small'
+    row = t.numel() // t.shape[0]
+    if row < MIN_ROW_VALUES or (not t.requires_grad and row < min_row_numel):
+        return 'rows'
     return None
 
 
@@ -176,26 +245,31 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
             are never compressed. Without it, parameters are recognised by type only.
         bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save.
         min_bytes: tensors smaller than this stay in full precision.
+        min_row_numel: tensors that do not require grad with fewer values than this per index
+            of dim 0 stay in full precision.
 
     Attributes:
         stats: :class:`GenericStats` since the last entry.
     """
 
     def __init__(self, model: Optional[nn.Module] = None, bits: Optional[int] = None,
-                 min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+                 min_bytes: int = DEFAULT_MIN_BYTES,
+                 min_row_numel: int = DEFAULT_MIN_ROW_NUMEL) -> None:
         if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
             raise ValueError(f'actnn_mm.compress_saved_tensors: bits must be one of '
                              f'{SUPPORTED_BITS} or None, got {bits!r}')
-        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
-            raise ValueError(f'actnn_mm.compress_saved_tensors: min_bytes must be a '
-                             f'non-negative int, got {min_bytes!r}')
-        self.model, self.bits, self.min_bytes = model, bits, min_bytes
+        for name, value in (('min_bytes', min_bytes), ('min_row_numel', min_row_numel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'actnn_mm.compress_saved_tensors: {name} must be a '
+                                 f'non-negative int, got {value!r}')
+        self.model, self.bits = model, bits
+        self.min_bytes, self.min_row_numel = min_bytes, min_row_numel
         self.stats = GenericStats()
         self._storages: Set[int] = set()
         self._shared: Dict[Tuple[Any, ...], _Entry] = {}
         self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
-        self._norm_hooks: List[Any] = []
-        self._norm_depth = 0  # > 0 while a plain normalization module of the model runs
+        self._module_hooks: List[Any] = []
+        self._module_reasons: List[str] = []  # of the norm and loss modules running, innermost last
 
     def __enter__(self) -> 'compress_saved_tensors':
         if self._hooks is not None:
@@ -203,10 +277,11 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         self.stats = GenericStats()
         self._storages = _parameter_storages(self.model)
         for module in self.model.modules() if self.model is not None else ():
-            if isinstance(module, _NORMS) and not isinstance(module, QLayer):
-                self._norm_hooks += [module.register_forward_pre_hook(self._enter_norm),
-                                     module.register_forward_hook(self._leave_norm,
-                                                                  always_call=True)]
+            reason = _module_reason(module)
+            if reason is not None:
+                self._module_hooks += [
+                    module.register_forward_pre_hook(functools.partial(self._enter, reason)),
+                    module.register_forward_hook(self._leave, always_call=True)]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         _active_hooks.append(self)
@@ -215,46 +290,65 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
     def __exit__(self, *exc_info: Any) -> None:
         hooks, self._hooks = self._hooks, None
         self._shared.clear()
-        for handle in self._norm_hooks:
+        for handle in self._module_hooks:
             handle.remove()
-        self._norm_hooks, self._norm_depth = [], 0
+        self._module_hooks, self._module_reasons = [], []
         hooks.__exit__(*exc_info)
         _active_hooks.remove(self)
 
-    def _enter_norm(self, *_: Any) -> None:
-        self._norm_depth += 1
+    def _enter(self, reason: str, *_: Any) -> None:
+        self._module_reasons.append(reason)
 
-    def _leave_norm(self, *_: Any) -> None:
-        self._norm_depth -= 1
+    def _leave(self, *_: Any) -> None:
+        self._module_reasons.pop()
 
-    def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped]:
+    def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped, _Mask]:
         step_boundary()
-        reason = 'norm' if self._norm_depth else _skip_reason(t, self._storages, self.min_bytes)
-        if reason == 'norm' and _is_parameter(t, self._storages):
-            reason = 'parameter'
+        module = self._module_reasons[-1] if self._module_reasons else None
+        if module == 'norm':  # parameters are still not counted
+            reason = 'parameter' if _is_parameter(t, self._storages) else module
+        else:
+            reason = _skip_reason(t, self._storages, self.min_bytes,
+                                  0 if module == 'loss' else self.min_row_numel)
         if reason is not None:
             if reason != 'parameter':
                 self.stats.kept_bytes[reason] += t.nbytes
                 step_log.record_uncompressed(reason, t.nbytes)
             return t
-        key = _key(t)
+        loss_grad = module == 'loss' and t.requires_grad
+        bits = LOSS_BITS if loss_grad else self.bits or config.bits
+        key = _key(t) + (bits,)
+        if t.grad_fn is not None and t.grad_fn.name() == 'ReluBackward0' \
+                and key + ('relu',) not in self._shared:  # the relu's own save comes first
+            return self._keep(key + ('relu',), t, _Mask(pack_ints(t > 0, 1), t.dtype),
+                              budgeted=False)
         entry = self._shared.get(key)
         if entry is not None and entry.owner() is not None and entry.version == t._version:
             stored = entry.stored()
             if stored is not None:
                 self.stats.shared += 1
                 return stored if entry.shape == t.shape else _Reshaped(stored, t.shape)
-        compressed = quantize(t, self.bits or config.bits, config.group_size,
-                              stochastic=config.stochastic)
+        compressed = quantize(t, bits, config.group_size, stochastic=config.stochastic)
+        if config.swap and t.device.type == 'cuda':  # a pinned CPU copy, back in `load`
+            return self._keep(key, t, Offloaded(compressed.to('cpu', non_blocking=True),
+                                                t.device), not loss_grad, compressed)
+        return self._keep(key, t, compressed, not loss_grad)
+
+    def _keep(self, key: Tuple[Any, ...], t: torch.Tensor, stored: Union[Stored, '_Mask'],
+              budgeted: bool, compressed: Optional[Union[CompressedTensor, '_Mask']] = None
+              ) -> Union[Stored, '_Mask']:
+        """Count ``stored`` (``compressed`` if given: what ``stored`` holds) as the saved copy
+        of ``t`` and remember it under ``key`` for later saves of the same values. Only a copy
+        at the configured bits (``budgeted``) enters the bit statistics: masks and 8-bit loss
+        tensors count in bytes, as the layers' masks do."""
+        if compressed is None:
+            compressed = stored
+        widths = compressed.bits.tolist() if budgeted else []
         self.stats.compressed += 1
         self.stats.saved_bytes += compressed.nbytes
         self.stats.full_bytes += t.nbytes
-        step_log.record_generic(compressed.nbytes, t.nbytes, compressed.bits.tolist(),
-                                t.numel() // max(compressed.bits.numel(), 1))
-        if config.swap and t.device.type == 'cuda':  # a pinned CPU copy, back in `load`
-            stored: Stored = Offloaded(compressed.to('cpu', non_blocking=True), t.device)
-        else:
-            stored = compressed
+        step_log.record_generic(compressed.nbytes, t.nbytes, widths,
+                                t.numel() // max(len(widths), 1))
         owner = weakref.ref(t if t._base is None else t._base, functools.partial(self._forget, key))
         self._shared[key] = _Entry(owner, t._version, t.shape, weakref.ref(stored))
         return stored

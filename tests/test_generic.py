@@ -123,7 +123,8 @@ def test_2bit_unbiased_for_linear_ops():
     assert_unbiased(lambda: generic_grads(model, x, bits=2, min_bytes=0)[0], want, k=96,
                     keys=keys)
     stats = generic_grads(model, x, bits=2, min_bytes=0)[1]
-    assert (stats.compressed, stats.shared) == (5, 1)  # x, y (twice), a, b^T, the loss weights
+    assert (stats.compressed, stats.shared) == (4, 1)  # x, y (twice), a, b^T
+    assert stats.kept_bytes == {'rows': 2 * 4 * 16 * 16 * 4}  # the loss weights: no gradient
 
 
 def test_parameters_small_and_integer_tensors_stay_uncompressed(quantized):
@@ -200,12 +201,12 @@ def test_vit_block_at_2_bits_keeps_4x_less():
     assert len(layers) == 7  # 2 LayerNorm, 4 Linear, GELU
     kept = sum(m.actnn_saved_bytes for m in layers) + stats.saved_bytes + sum(
         stats.kept_bytes.values())
-    # q, k^T, the softmax output (read again by attn @ v), v, the loss weights
-    assert (stats.compressed, stats.shared) == (5, 1)
+    # q, k^T, the softmax output (read again by attn @ v), v; the loss weights are 'rows'
+    assert (stats.compressed, stats.shared) == (4, 1)
     assert plain / kept >= 4
     assert stats.ratio > 10
     step = actnn_mm.stats(model)  # the layers' and generic mode's bytes in one place
-    assert step['generic']['calls'] == 5 and step['generic']['bits_mean'] == 2
+    assert step['generic']['calls'] == 4 and step['generic']['bits_mean'] == 2
     assert (step['generic']['bytes'], step['generic']['full_bytes']) == (stats.saved_bytes,
                                                                          stats.full_bytes)
     assert step['generic']['uncompressed_bytes'] == stats.kept_bytes
@@ -230,6 +231,8 @@ def test_bad_options_raise():
         actnn_mm.compress_saved_tensors(bits=3)
     with pytest.raises(ValueError, match='min_bytes'):
         actnn_mm.compress_saved_tensors(min_bytes=-1)
+    with pytest.raises(ValueError, match='min_row_numel'):
+        actnn_mm.compress_saved_tensors(min_row_numel=1.5)
 
 
 def test_report_names_modules_keeping_full_precision(caplog):
@@ -294,3 +297,116 @@ def test_plain_normalization_layers_keep_their_input():
     assert stats.kept_bytes['norm'] >= 2 * 512 * 4 and stats.compressed == 1  # conv 2's input
     del got['2.weight'], want['2.weight']  # the only gradient reading a compressed tensor
     assert_close_grads(got, want, rtol=1e-5)
+
+
+class FooLoss(nn.Module):
+    """An OpenMMLab-style loss: a plain module named '...Loss' (an L1 loss: abs keeps the
+    difference, its backward takes the sign)."""
+
+    def forward(self, pred, target):
+        return (pred - target).abs().mean()
+
+
+class Criterion(nn.CrossEntropyLoss):
+    """A torch loss under a name without 'Loss' (recognised as a subclass of ``_Loss``)."""
+
+
+class Head(nn.Module):
+    """A dense head with a classification and a regression loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.loss_cls = Criterion()
+        self.loss_bbox = FooLoss()
+
+    def forward(self, x, labels, targets):
+        y = self.conv(x)
+        return self.loss_cls(y, labels) + self.loss_bbox(y, targets)
+
+
+def test_loss_modules_quantize_at_8_bits(monkeypatch):
+    """Backward exponentiates the log-probabilities a cross-entropy keeps and takes the sign of
+    an L1 loss's difference: what is saved inside loss modules is quantized at 8 bits, the rest
+    at the configured 2."""
+    widths = []
+    quantize = generic.quantize
+    monkeypatch.setattr(generic, 'quantize',
+                        lambda t, bits, *a, **k: widths.append(bits) or quantize(t, bits, *a, **k))
+    torch.manual_seed(0)
+    model, x = Head(), torch.randn(2, 3, 16, 16)
+    labels, targets = torch.randint(8, (2, 16, 16)), torch.randn(2, 8, 16, 16)
+    want = grads(model, [x], labels=labels, targets=targets, loss_weight=torch.tensor(1.0))
+    with actnn_mm.compress_saved_tensors(model, bits=2, min_bytes=0, min_row_numel=0) as hooks:
+        got = grads(model, [x], labels=labels, targets=targets, loss_weight=torch.tensor(1.0))
+    # the conv's input at 2 bits; the log-probabilities (kept by log_softmax, shared with
+    # nll_loss) and the difference at 8; the labels are integers
+    assert sorted(widths) == [2, 8, 8] and hooks.stats.shared == 1
+    assert hooks.stats.kept_bytes == {'type': labels.nbytes, 'shape': 8}
+    del got['conv.weight'], want['conv.weight']  # from the 2-bit input
+    assert_close_grads(got, want, rtol=5e-2)  # the exponentiated rounding: noise, not bias
+    assert not torch.equal(got['input0'], want['input0'])
+
+
+def test_relu_output_kept_as_an_exact_mask(quantized):
+    """F.relu's backward reads only where its output is positive: kept as a 1-bit mask (the
+    relu's own save), while a later op saving the same output quantizes it as usual."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    w = nn.Parameter(torch.randn(64, 64))  # matmul saves relu's output for w's gradient
+    def f(x):
+        return (F.relu(x * 2) @ w).sum()
+    f(x).backward()
+    want = x.grad.clone()
+    x.grad = w.grad = None
+    with actnn_mm.compress_saved_tensors(bits=2, min_bytes=0) as hooks:
+        loss = f(x)
+    loss.backward()
+    # x * 2 saves nothing (a constant factor); relu's output: mask; matmul's copy: quantized
+    assert len(quantized) == 1 and hooks.stats.compressed == 2
+    mask_bytes = x.numel() // 8
+    assert hooks.stats.saved_bytes == actnn_mm.compress.quantize(quantized[0], 2).nbytes + mask_bytes
+    assert torch.equal(x.grad, want)  # matmul's copy of relu's output only feeds w's gradient
+
+
+def test_tensors_without_gradient_and_short_rows_stay_exact(quantized):
+    """Statistics (attention's log-sum-exp, F.layer_norm's mean and rstd) and per-box data have
+    few values per sample and no gradient ('rows'); activations with short rows (tokens, heads
+    folded into dim 0) are compressed."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 1024, requires_grad=True)
+    stat, data = torch.randn(4, 16, 1), torch.randn(4, 16, 1024)  # 16 and 16384 values a row
+    with actnn_mm.compress_saved_tensors(bits=2, min_bytes=0) as hooks:
+        exact = x * stat  # keeps stat
+        x * data  # keeps data
+        x.view(64, 1024).sin()  # keeps x as 64 rows of 1024 values
+    assert [t.shape for t in quantized] == [data.shape, (64, 1024)]
+    assert hooks.stats.kept_bytes == {'rows': stat.nbytes}
+    exact.sum().backward()
+    assert torch.equal(x.grad, stat.expand_as(x))
+
+
+class WeightedLoss(nn.Module):
+    """Per-anchor classification and box terms, weighted by data without gradient."""
+
+    def forward(self, scores, boxes, weights):
+        return (scores.sigmoid() * weights).sum() + boxes.abs().sum()
+
+
+def test_loss_rules_by_gradient_and_row_length(monkeypatch):
+    """Inside a loss: what requires grad at 8 bits, targets and weights (read linearly) at the
+    configured bits however short their rows; rows of a few values (boxes) stay exact."""
+    widths = []
+    quantize = generic.quantize
+    monkeypatch.setattr(generic, 'quantize',
+                        lambda t, bits, *a, **k: widths.append((tuple(t.shape), bits))
+                        or quantize(t, bits, *a, **k))
+    loss = WeightedLoss()
+    scores = torch.randn(512, 80, requires_grad=True)
+    boxes = torch.randn(512, 4, requires_grad=True)
+    weights = torch.rand(512, 80)
+    with actnn_mm.compress_saved_tensors(loss, bits=2, min_bytes=0) as hooks:
+        loss(scores, boxes, weights).backward()
+    assert sorted(widths) == [((512, 80), 2), ((512, 80), 8)]  # weights; sigmoid's output
+    assert hooks.stats.kept_bytes == {'rows': boxes.nbytes}  # abs keeps its (512, 4) input
+    assert torch.equal(boxes.grad, boxes.detach().sign())

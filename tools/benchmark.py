@@ -213,8 +213,9 @@ class Unsupported(Exception):
 def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
     """Model ``name`` of :data:`BENCH_MODELS` with plain torch layers, untrained.
 
-    The config's model as a Runner builds it (the top-level data preprocessor as default),
-    without pretrained weights; a transformer's position embedding and the segmentation
+    The config's model as a Runner builds and initializes it (the top-level data preprocessor as
+    default; a detection head's prior-probability bias keeps its first losses, and so the steps
+    that follow, finite), without pretrained weights; a transformer's position embedding and the segmentation
     preprocessor's padding are sized for ``image_size``. Layers a preset builds as ActNN layers
     are reverted, so every method starts from the upstream model.
 
@@ -245,6 +246,7 @@ def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
             if with_cp and 'with_cp' in str(e):
                 raise Unsupported(f'{model_cfg.backbone.type} takes no with_cp') from e
             raise
+    model.init_weights()
     return actnn_mm.revert(model)
 
 
@@ -535,7 +537,8 @@ class _TrainingMemory:
 
 
 def maxbatch_probe(args: argparse.Namespace) -> None:
-    """One method and batch size in a fresh process: 2 training steps, the second timed.
+    """One method and batch size in a fresh process: 4 training steps, the median of the last 3
+    timed.
 
     Prints one JSON line: the batch, whether the peak training memory (above the model, its
     gradients, the optimizer state and the batch) passed the budget (on CUDA also: allocation
@@ -566,7 +569,7 @@ def maxbatch_probe(args: argparse.Namespace) -> None:
 
     with _TrainingMemory(device, budget, over_budget) as memory:
         try:
-            seconds = _median_seconds(step, 1)  # a warm-up step, then a timed one
+            seconds = _median_seconds(step, 3)  # a warm-up step, then timed ones
         except torch.cuda.OutOfMemoryError:
             seconds = None
         report(memory.peak(), seconds)

@@ -3,8 +3,9 @@
 On the CPU, oneDNN runs an NCHW convolution through blocked copies of its activations: the forward
 pass holds an output-sized buffer more than its output, the backward pass about two input-sized
 buffers more than the dequantized input and the gradients. For layers whose activations outweigh
-the weight, the forward pass therefore runs over slices of the batch, and the backward pass in
-channels_last, which oneDNN computes without reordering (its input gradient stays channels_last).
+the weight, the backward pass therefore runs in channels_last, which oneDNN computes without
+reordering (its input gradient stays channels_last), and the forward pass of those with a large
+output over slices of the batch.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -20,9 +21,12 @@ from .saved import save_activation, saved_activation
 Pads = Optional[List[int]]
 
 # Activation elements per weight element from which a CPU layer takes the paths above (below, the
-# weight's own reorders cost more than the activations' ones), and the forward slices.
+# weight's own reorders cost more than the activations' ones); the forward slices, and the output
+# size from which a forward pass is sliced (below, the saving is small and the copy of each
+# slice's output, and smaller batches' different rounding, not worth it).
 _ACTIVATION_TO_WEIGHT = 4
 _FORWARD_SLICES = 8
+_SLICED_MIN_BYTES = 16 * 2**20
 
 
 def _activation_heavy(x_shape: Sequence[int], out_numel: int, weight: torch.Tensor,
@@ -35,10 +39,16 @@ def _activation_heavy(x_shape: Sequence[int], out_numel: int, weight: torch.Tens
 def _convolution(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  args: tuple) -> torch.Tensor:
     """``aten.convolution``; over slices of the batch on the CPU for an activation-heavy NCHW
-    layer, so that oneDNN's reorder buffers are slice-sized (the same values up to rounding:
-    oneDNN may pick another kernel for the smaller batch)."""
-    if not (x.shape[0] > 1 and x.is_contiguous() and not args[3]  # args[3]: transposed
-            and _activation_heavy(x.shape, 0, weight, x.device)):
+    layer with a large output, so that oneDNN's reorder buffers are slice-sized (the same values
+    up to rounding: oneDNN may pick another kernel for the smaller batch)."""
+    stride, padding, dilation, transposed = args[:4]
+    if transposed or x.dim() != 4 or x.shape[0] == 1 or not x.is_contiguous():
+        return torch.ops.aten.convolution(x, weight, bias, *args)
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+               zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    out_numel = x.shape[0] * weight.shape[0] * math.prod(spatial)
+    if (out_numel * x.element_size() < _SLICED_MIN_BYTES
+            or not _activation_heavy(x.shape, out_numel, weight, x.device)):
         return torch.ops.aten.convolution(x, weight, bias, *args)
     n = x.shape[0]
     step = -(-n // _FORWARD_SLICES)
@@ -88,33 +98,45 @@ class _ConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        cl = torch.channels_last
-        padded, weight = saved_activation(ctx, grad, cl if ctx.channels_last else None)
+        saved = list(saved_activation(ctx, grad,
+                                       torch.channels_last if ctx.channels_last else None))
         needs = list(ctx.needs_input_grad[:3])
-        if padded is None:  # only the input gradient is needed: the input's shape suffices
-            padded = torch.empty((), dtype=grad.dtype, device=grad.device).expand(
-                ctx.padded_shape)
-        elif ctx.channels_last:  # oneDNN without reorders (module doc)
-            grad = grad.contiguous(memory_format=cl)
-            padded = padded.contiguous(memory_format=cl)  # no copy: dequantized so
-            grad_x = grad_w = grad_b = None
-            if needs[1] or needs[2]:
-                _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                    grad, padded, weight, ctx.bias_sizes, *ctx.args, [False] + needs[1:])
-            if needs[0]:
-                padded = None  # the input dies before its gradient is made; the input-gradient
-                # kernel reads only the shape and layout of this never-touched buffer
-                like = torch.empty(ctx.padded_shape, dtype=grad.dtype, device=grad.device,
-                                   memory_format=cl)
-                grad_x = torch.ops.aten.convolution_backward(
-                    grad, like, weight, ctx.bias_sizes, *ctx.args, [True, False, False])[0]
-            needs = None
-        if needs is not None:
+        if ctx.channels_last and saved[0] is not None:
+            grad_x, grad_w, grad_b = _channels_last_backward(ctx, grad, saved, needs)
+        else:
+            padded, weight = saved
+            if padded is None:  # only the input gradient is needed: the input's shape suffices
+                padded = torch.empty((), dtype=grad.dtype, device=grad.device).expand(
+                    ctx.padded_shape)
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, padded, weight, ctx.bias_sizes, *ctx.args, needs)
         if grad_x is not None and ctx.pre_pad is not None:
             grad_x = _pad_vjp(grad_x, ctx.input_shape, ctx.pre_pad, ctx.pad_mode)
         return (grad_x, grad_w, grad_b) + (None,) * 9
+
+
+def _channels_last_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,
+                            saved: List[torch.Tensor], needs: List[bool]
+                            ) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of an activation-heavy CPU convolution in channels_last, which oneDNN computes
+    without reorders (module doc): the weight's first, then the input is freed before the input
+    gradient is made (``saved``, the caller's ``[input, weight]``, gives it up)."""
+    cl = torch.channels_last
+    grad = grad.contiguous(memory_format=cl)
+    x = saved.pop(0).contiguous(memory_format=cl)  # no copy: dequantized so
+    weight = saved[0]
+    grad_x = grad_w = grad_b = None
+    if needs[1] or needs[2]:
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_sizes, *ctx.args, [False] + needs[1:])
+    if needs[0]:
+        # the input-gradient kernel reads only the shape and layout of its input: an untouched
+        # (so not resident) buffer stands in for it
+        like = torch.empty_like(x, memory_format=cl)
+        del x
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, like, weight, ctx.bias_sizes, *ctx.args, [True, False, False])[0]
+    return grad_x, grad_w, grad_b
 
 
 def _pad_vjp(grad: torch.Tensor, shape: torch.Size, pads: List[int], mode: str) -> torch.Tensor:

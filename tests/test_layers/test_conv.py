@@ -184,14 +184,22 @@ def test_inplace_change_after_forward_is_harmless_when_compressed():
 
 
 @pytest.mark.parametrize('batch', [8, 19, 64])
-def test_forward_over_batch_slices_matches_torch(batch):
-    # an activation-heavy CPU convolution runs over slices of the batch (less memory): the same
-    # values up to rounding (oneDNN may pick another kernel for a smaller batch)
-    conv = nn.Conv2d(4, 6, 3, padding=1)
-    x = torch.randn(batch, 4, 12, 12)
-    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    torch.testing.assert_close(conv_module._convolution(x, conv.weight, conv.bias, args),
-                               torch.ops.aten.convolution(x, conv.weight, conv.bias, *args),
+@pytest.mark.parametrize('dilation', [1, 2])
+def test_forward_over_batch_slices_matches_torch(batch, dilation, monkeypatch):
+    # an activation-heavy CPU convolution with a large output runs over slices of the batch
+    # (less memory): the same values up to rounding (oneDNN may pick another kernel for a
+    # smaller batch)
+    monkeypatch.setattr(conv_module, '_SLICED_MIN_BYTES', 0)
+    calls = []
+    convolution = torch.ops.aten.convolution
+    monkeypatch.setattr(torch.ops.aten, 'convolution',
+                        lambda x, *a: calls.append(x.shape[0]) or convolution(x, *a))
+    conv = nn.Conv2d(4, 6, 3, padding=dilation, dilation=dilation, stride=2)
+    x = torch.randn(batch, 4, 13, 12)
+    args = ([2, 2], [dilation] * 2, [dilation] * 2, False, [0, 0], 1)
+    got = conv_module._convolution(x, conv.weight, conv.bias, args)
+    assert sum(calls) == batch and len(calls) == len(range(0, batch, -(-batch // 8)))
+    torch.testing.assert_close(got, convolution(x, conv.weight, conv.bias, *args),
                                rtol=1e-6, atol=1e-6)
 
 
