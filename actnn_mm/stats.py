@@ -82,8 +82,9 @@ def stats(model: torch.nn.Module) -> Dict:
     Returns:
         A dict with ``average_bits`` (element-weighted over the activations the layers and
         generic mode quantized at the configured or allocated bits; None if none; masks,
-        indices and generic mode's 8-bit loss tensors count in the bytes only), ``compressed_bytes`` (all the layers and
-        generic mode kept compressed: quantized activations, masks, indices),
+        indices and generic mode's 8-bit loss tensors count in the bytes only),
+        ``compressed_bytes`` (all the layers and generic mode kept compressed: quantized
+        activations, masks, indices),
         ``full_precision_bytes`` (what torch would have kept instead), ``ratio`` (their
         quotient), ``layers``: per module name, its ``type``, ``calls``, ``bytes``,
         ``full_bytes`` and, for quantized activations, ``bits_mean``, ``bits_min``,

@@ -365,7 +365,8 @@ def test_relu_output_kept_as_an_exact_mask(quantized):
     # x * 2 saves nothing (a constant factor); relu's output: mask; matmul's copy: quantized
     assert len(quantized) == 1 and hooks.stats.compressed == 2
     mask_bytes = x.numel() // 8
-    assert hooks.stats.saved_bytes == actnn_mm.compress.quantize(quantized[0], 2).nbytes + mask_bytes
+    quantized_bytes = actnn_mm.compress.quantize(quantized[0], 2).nbytes
+    assert hooks.stats.saved_bytes == quantized_bytes + mask_bytes
     assert torch.equal(x.grad, want)  # matmul's copy of relu's output only feeds w's gradient
 
 

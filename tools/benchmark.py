@@ -215,9 +215,9 @@ def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
 
     The config's model as a Runner builds and initializes it (the top-level data preprocessor as
     default; a detection head's prior-probability bias keeps its first losses, and so the steps
-    that follow, finite), without pretrained weights; a transformer's position embedding and the segmentation
-    preprocessor's padding are sized for ``image_size``. Layers a preset builds as ActNN layers
-    are reverted, so every method starts from the upstream model.
+    that follow, finite), without pretrained weights; a transformer's position embedding and
+    the segmentation preprocessor's padding are sized for ``image_size``. Layers a preset builds
+    as ActNN layers are reverted, so every method starts from the upstream model.
 
     Raises:
         Unsupported: ``with_cp`` and the backbone takes no such argument.

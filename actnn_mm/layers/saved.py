@@ -212,7 +212,7 @@ def load(stored: Union[torch.Tensor, Stored],
     a quantized activation in ``memory_format`` if given, see :func:`dequantize`)."""
     stored = _fetch(stored)
     if isinstance(stored, CompressedTensor):
-        return dequantize(stored) if memory_format is None else dequantize(stored, memory_format)
+        return dequantize(stored, memory_format)
     if isinstance(stored, PackedInts):
         return unpack_ints(stored)
     return stored

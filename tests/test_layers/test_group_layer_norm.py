@@ -194,7 +194,7 @@ def test_correction_removes_the_rounding_variance_bias(monkeypatch, cls, shape):
     x = torch.randn(shape) * 3 + 2
     want = grads(ref, [x])
     dequantize = saved.dequantize
-    monkeypatch.setattr(saved, 'dequantize', lambda c: dequantize(c).add_(
+    monkeypatch.setattr(saved, 'dequantize', lambda c, *layout: dequantize(c, *layout).add_(
         torch.randint(0, 2, c.shape, dtype=c.dtype).mul_(3).sub_(1.5)))
     with settings('L2', activation_compression_bits=[8]):
         assert_unbiased(lambda: grads(q, [x]), want, k=256, keys=['input0'])
