@@ -76,7 +76,7 @@ from torch.nn.modules.loss import _Loss
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, CompressedTensor, quantize
 from .config import config
 from .layers.base import QLayer
-from .layers.saved import (Offloaded, PackedInts, Stored, load, pack_ints, step_boundary,
+from .layers.saved import (Offloaded, PackedInts, Stored, load, positive_mask, step_boundary,
                            unpack_ints)
 from .stats import step_log
 
@@ -320,7 +320,7 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         key = _key(t) + (bits,)
         if t.grad_fn is not None and t.grad_fn.name() == 'ReluBackward0' \
                 and key + ('relu',) not in self._shared:  # the relu's own save comes first
-            return self._keep(key + ('relu',), t, _Mask(pack_ints(t > 0, 1), t.dtype),
+            return self._keep(key + ('relu',), t, _Mask(positive_mask(t), t.dtype),
                               budgeted=False)
         entry = self._shared.get(key)
         if entry is not None and entry.owner() is not None and entry.version == t._version:

@@ -17,6 +17,9 @@ TORCH_LIBRARY(actnn_mm, m) {
   // below 2^bits; value i goes to bits [(i % k) * bits, ...) of byte i / k, k = 8 / bits.
   m.def("pack_bits(Tensor values, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, SymInt numel) -> Tensor");
+  // pack_bits(values > 0, 1) in one pass (ReLU's mask): values: contiguous float32/float16/
+  // bfloat16; a NaN is not positive.
+  m.def("pack_positive(Tensor values) -> Tensor");
   // Backward of a masking op (ReLU, dropout) in one pass: values: contiguous float32/float16/
   // bfloat16; mask: pack_bits(..., 1) of values.numel() booleans. Returns values * scale where
   // the mask is set and 0 elsewhere (the product in float32).

@@ -62,6 +62,10 @@ if _C is not None:
     def _unpack_bits_fake(packed, bits, numel):
         return packed.new_empty(numel)
 
+    @torch.library.register_fake('actnn_mm::pack_positive')
+    def _pack_positive_fake(values):
+        return values.new_empty(-(-values.numel() // 8), dtype=torch.uint8)
+
     @torch.library.register_fake('actnn_mm::apply_mask')
     def _apply_mask_fake(values, mask, scale):
         return torch.empty_like(values)
@@ -101,6 +105,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return torch.ops.actnn_mm.unpack_bits(packed, bits, numel)
     _warn_fallback(packed.device)
     return reference.unpack_bits(packed, bits, numel)
+
+
+def pack_positive(values: torch.Tensor) -> torch.Tensor:
+    """``pack_bits(values > 0, 1)`` in one pass; ``values`` contiguous float."""
+    if _extension_serves(values.device):
+        return torch.ops.actnn_mm.pack_positive(values)
+    _warn_fallback(values.device)
+    return reference.pack_positive(values)
 
 
 def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

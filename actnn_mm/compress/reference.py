@@ -23,10 +23,10 @@ def _mul32(x: IntOrTensor, c: int) -> IntOrTensor:
 
 def mix32(x: IntOrTensor) -> IntOrTensor:
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = _mul32(x, 0x21F0AAAD)
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
 
 
 def rng_key(seed: int) -> Tuple[int, int]:
@@ -37,8 +37,13 @@ def rng_key(seed: int) -> Tuple[int, int]:
 
 def uniform(key: Tuple[int, int], index: torch.Tensor) -> torch.Tensor:
     """Uniform float32 in [0, 1) for each int64 element index."""
-    r = mix32(mix32((index & _MASK32) ^ key[0]) ^ (index >> 32) ^ key[1])
+    salt = mix32((index >> 32) ^ key[1]) ^ key[0]
+    r = mix32((index & _MASK32) ^ salt)
     return (r >> 8).to(torch.float32) * 2.0**-24
+
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    return 1.0 / scale
 
 
 def _float_bits(f: torch.Tensor) -> torch.Tensor:
@@ -72,7 +77,7 @@ def group_params(lo: torch.Tensor, hi: torch.Tensor,
     scale_bits = bf16_round_up(rng / levels_f)
     active = ~invalid & (rng != 0)
     while True:
-        too_small = active & (rng / bf16_to_float(scale_bits) > levels_f)
+        too_small = active & (rng * reciprocal(bf16_to_float(scale_bits)) > levels_f)
         if not bool(too_small.any()):
             break
         scale_bits = scale_bits + too_small.to(torch.int64)
@@ -114,7 +119,7 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
         u = uniform(rng_key(seed), index)
     else:
         u = torch.full((n, m), 0.5, device=device)
-    level = torch.floor((xf - mn) / scale + u)
+    level = torch.floor((xf - mn) * reciprocal(scale) + u)
     levels_f = levels.to(torch.float32)[:, None]
     level = torch.where(level < levels_f, level, levels_f).to(torch.int64)
 
@@ -145,6 +150,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+
+
+def pack_positive(values: torch.Tensor) -> torch.Tensor:
+    return pack_bits(values > 0, 1)
 
 
 def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import QLayer, grad_needed
-from .saved import compresses, masked, save_activation, save_packed, saved_activation
+from .saved import compresses, masked, save_activation, save_positive, saved_activation
 
 
 class _ReLUFunction(torch.autograd.Function):
@@ -32,7 +32,7 @@ class _ReLUFunction(torch.autograd.Function):
             out = torch.relu_(x)
         else:
             out = torch.relu(x)
-        ctx.mask = save_packed(out > 0, 1, module, out.nbytes)
+        ctx.mask = save_positive(out, module)
         return out
 
     @staticmethod

@@ -4,8 +4,9 @@
   family is compressed at this level, ``config.compressed_layers``, and the dtype is supported),
   else the tensor itself. The bit choice lives in :func:`bits_for`, the hook for mixed-precision
   allocation; an activation read by several layers is compressed once.
-* :func:`save_packed` keeps a boolean mask (ReLU, Dropout) at 1 bit per value or small integers
-  (max-pool argmax offsets) at 4 or 8 bits, :func:`stash` any other exact tensor.
+* :func:`save_packed` keeps a boolean mask (Dropout) at 1 bit per value or small integers
+  (max-pool argmax offsets) at 4 or 8 bits, :func:`save_positive` where a tensor is positive
+  (ReLU) at 1 bit per value, :func:`stash` any other exact tensor.
 * With ``config.swap`` (L4), what is kept of a CUDA tensor is copied to pinned CPU memory and
   brought back in :func:`load`.
 * :func:`save_activation` / :func:`saved_activation` put all of it on an autograd context; a
@@ -24,7 +25,7 @@ import torch
 
 from ..allocate import allocator
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
-from ..compress.ops import apply_mask, pack_bits, unpack_bits
+from ..compress.ops import apply_mask, pack_bits, pack_positive, unpack_bits
 from ..config import config
 from ..stats import step_log
 
@@ -198,6 +199,12 @@ def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes:
     return _keep(pack_ints(t, bits), module, full_bytes)
 
 
+def save_positive(t: torch.Tensor, module: torch.nn.Module) -> Stored:
+    """Keep where ``t`` of ``module`` is positive, at 1 bit per value (torch would keep ``t``)."""
+    step_boundary()
+    return _keep(positive_mask(t), module, t.nbytes)
+
+
 def _fetch(stored: Union[torch.Tensor, Stored]) -> Union[torch.Tensor, Kept]:
     """What was kept, back on its device; notes that a backward pass runs."""
     _backward_ran[0] = True
@@ -219,11 +226,13 @@ def load(stored: Union[torch.Tensor, Stored],
 
 
 def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``values * scale`` where the boolean mask that :func:`save_packed` kept at 1 bit is True,
-    0 elsewhere: one pass over ``values``, no unpacked mask (ReLU and dropout backward).
+    """``values * scale`` where the boolean mask that :func:`save_packed` kept at 1 bit (or
+    :func:`save_positive`) is True, 0 elsewhere: one pass over ``values``, no unpacked mask (ReLU
+    and dropout backward).
 
     Args:
-        stored: what :func:`save_packed` returned for a mask of ``values``' shape.
+        stored: what :func:`save_packed` or :func:`save_positive` returned for a mask of
+            ``values``' shape.
         values: e.g. the output gradient, in any layout.
         scale: the factor where the mask is set.
     """
@@ -307,6 +316,14 @@ def pack_ints(t: torch.Tensor, bits: int) -> PackedInts:
     in its memory order (no copy of the layout)."""
     ordered, permutation = _memory_order(t)
     return PackedInts(pack_bits(ordered, bits), t.shape, permutation, bits, t.dtype)
+
+
+def positive_mask(t: torch.Tensor) -> PackedInts:
+    """``pack_ints(t > 0, 1)`` in one pass for the codec's dtypes."""
+    if t.dtype not in FLOAT_DTYPES:
+        return pack_ints(t > 0, 1)
+    ordered, permutation = _memory_order(t)
+    return PackedInts(pack_positive(ordered), t.shape, permutation, 1, torch.bool)
 
 
 def unpack_ints(packed: PackedInts) -> torch.Tensor:

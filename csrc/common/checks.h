@@ -53,6 +53,11 @@ inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t nu
               "actnn_mm: unpack_bits expects a contiguous uint8 tensor holding ", numel, " values");
 }
 
+inline void check_pack_positive_args(const at::Tensor& values) {
+  check_float_dtype(values.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), "actnn_mm: pack_positive expects contiguous values");
+}
+
 inline void check_apply_mask_args(const at::Tensor& values, const at::Tensor& mask) {
   check_float_dtype(values.scalar_type());
   TORCH_CHECK(values.is_contiguous() && mask.scalar_type() == at::kByte && mask.is_contiguous() &&

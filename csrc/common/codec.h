@@ -60,15 +60,15 @@ ACTNN_HD uint16_t bf16_round_up(float f) {  // for f >= 0
   return uint16_t(t);
 }
 
-// Counter-based random numbers: a 32-bit integer hash (two multiply-xorshift rounds, full
-// avalanche) of the element's index under a key derived from the 64-bit seed. Cheap, stateless
-// and identical on every backend.
+// Counter-based random numbers: a 32-bit integer hash (a multiply-xorshift round with constants
+// found by search for low bias: consecutive inputs give uncorrelated outputs) of the element's
+// index under a key derived from the 64-bit seed. Cheap, stateless and identical on every backend.
 ACTNN_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7feb352du;
+  x *= 0x21f0aaadu;
   x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
   return x;
 }
 
@@ -83,21 +83,29 @@ ACTNN_HD RngKey rng_key(uint64_t seed) {
   return k;
 }
 
-// Uniform in [0, 1) with 24 random bits, so the float is exact, for the element whose 64-bit
-// index has the 32-bit halves lo and hi (kernels step lo in 32-bit lanes, which vectorize best).
-ACTNN_HD float uniform_halves(RngKey key, uint32_t lo, uint32_t hi) {
-  uint32_t r = mix32(mix32(lo ^ key.lo) ^ hi ^ key.hi);
+// The elements whose 64-bit indices share the high half `hi` share a salt, hashed once, so an
+// element costs one hash round: mix32(lo ^ salt) for the low half `lo` of its index.
+ACTNN_HD uint32_t rng_salt(RngKey key, uint32_t hi) { return mix32(hi ^ key.hi) ^ key.lo; }
+
+// Uniform in [0, 1) with 24 random bits, so the float is exact (kernels step lo in 32-bit lanes,
+// which vectorize best).
+ACTNN_HD float uniform_salted(uint32_t salt, uint32_t lo) {
+  uint32_t r = mix32(lo ^ salt);
   return float(int32_t(r >> 8)) * 5.9604644775390625e-08f;  // 2^-24 (signed convert vectorizes)
 }
 
 ACTNN_HD float uniform(RngKey key, uint64_t index) {
-  return uniform_halves(key, uint32_t(index), uint32_t(index >> 32));
+  return uniform_salted(rng_salt(key, uint32_t(index >> 32)), uint32_t(index));
 }
 
 // Min and max that propagate NaN (a comparison with NaN is false, so once the running value is
 // NaN it stays; `x != x` lets a NaN in), so a group's range reveals a NaN in it.
 ACTNN_HD float min_nan(float lo, float x) { return (x < lo || x != x) ? x : lo; }
 ACTNN_HD float max_nan(float hi, float x) { return (x > hi || x != x) ? x : hi; }
+
+// The quantizer multiplies by the reciprocal of a group's scale (a division per value costs more
+// than the rest of the quantizer): correctly rounded in IEEE float32 on every backend.
+ACTNN_HD float reciprocal(float scale) { return 1.f / scale; }
 
 // Stored min and scale of a group with float range [lo, hi] quantized to levels 0..levels.
 // The min is rounded down and the scale up to bfloat16, then the scale is raised until the group's
@@ -125,15 +133,16 @@ ACTNN_HD GroupParams group_params(float lo, float hi, int levels) {
     return p;
   }
   p.scale_bits = bf16_round_up(range / float(levels));
-  while (range / bf16_to_float(p.scale_bits) > float(levels)) p.scale_bits += 1;
+  while (range * reciprocal(bf16_to_float(p.scale_bits)) > float(levels)) p.scale_bits += 1;
   return p;
 }
 
-// Stochastic rounding of x to an integer level: floor(v + u) with v = (x - min) / scale in
-// [0, levels] and u uniform in [0, 1) gives E[level] = v. u = 0.5 rounds to nearest instead.
-// t >= 0, so truncation is floor; a NaN fails the comparison and maps to `levels`.
-ACTNN_HD uint32_t quantize_value(float x, float mn, float scale, int levels, float u) {
-  float t = (x - mn) / scale + u;
+// Stochastic rounding of x to an integer level: floor(v + u) with v = (x - min) * inv_scale in
+// [0, levels] (inv_scale = reciprocal(scale)) and u uniform in [0, 1) gives E[level] = v. u = 0.5
+// rounds to nearest instead. t >= 0, so truncation is floor; a NaN fails the comparison and maps
+// to `levels`.
+ACTNN_HD uint32_t quantize_value(float x, float mn, float inv_scale, int levels, float u) {
+  float t = (x - mn) * inv_scale + u;
   return t < float(levels) ? uint32_t(int32_t(t)) : uint32_t(levels);
 }
 
@@ -163,6 +172,9 @@ ACTNN_HD uint32_t unpack_value(const uint8_t* sample_data, int64_t j, int bits) 
   int64_t bit = j * bits;
   return (uint32_t(sample_data[bit >> 3]) >> (bit & 7)) & ((1u << bits) - 1u);
 }
+
+// Bit of pack_positive: whether the value is > 0 (a NaN is not).
+ACTNN_HD uint32_t positive_bit(float value) { return value > 0.f ? 1u : 0u; }
 
 // Element of apply_mask: the value times scale where the mask bit is set, else 0.
 ACTNN_HD float masked_value(float value, uint32_t bit, float scale) {

@@ -38,36 +38,47 @@ void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
 #define ACTNN_CPU_CLONES
 #endif
 
-// Min and max of a group. Eight lanes at a time with GCC/Clang vector types (compiled to SSE or
-// AVX2 by the clone in use); a non-finite value is flagged from its exponent bits, since only
-// whether the group is finite matters then. The order of the reduction does not change the result
-// (group_params canonicalizes -0).
+// Min and max of a group. 32 values at a time in four independent chains of 8 lanes (which hide
+// the latency of min/max) with GCC/Clang vector types, compiled to SSE or AVX2 by the clone in
+// use; a non-finite value is flagged from its exponent bits, since only whether the group is
+// finite matters then. The order of the reduction does not change the result (group_params
+// canonicalizes -0).
 ACTNN_CPU_CLONES
-void group_range(const float* values, int64_t len, float& lo, float& hi) {
-  lo = hi = values[0];
+void group_range(const float* values, int64_t len, float& lo_out, float& hi_out) {
+  float lo = values[0], hi = values[0];
   bool finite = true;
   int64_t j = 0;
 #if defined(__GNUC__)
   typedef float f8 __attribute__((vector_size(32)));
   typedef int32_t i8 __attribute__((vector_size(32)));
-  if (len >= 8) {
-    f8 vlo, vhi;
-    memcpy(&vlo, values, sizeof(f8));
-    vhi = vlo;
-    i8 nonfinite = {};
-    for (; j + 8 <= len; j += 8) {
-      f8 v;
-      i8 u;
-      memcpy(&v, values + j, sizeof(f8));
-      memcpy(&u, values + j, sizeof(i8));
-      vlo = v < vlo ? v : vlo;
-      vhi = v > vhi ? v : vhi;
-      nonfinite |= (u & 0x7F800000) == 0x7F800000;
+  constexpr int kChains = 4;
+  if (len >= 8 * kChains) {
+    f8 vlo[kChains], vhi[kChains];
+    i8 nonfinite[kChains] = {};
+    for (int c = 0; c < kChains; ++c) {
+      memcpy(&vlo[c], values + 8 * c, sizeof(f8));
+      vhi[c] = vlo[c];
+    }
+    for (; j + 8 * kChains <= len; j += 8 * kChains) {
+      for (int c = 0; c < kChains; ++c) {
+        f8 v;
+        i8 u;
+        memcpy(&v, values + j + 8 * c, sizeof(f8));
+        memcpy(&u, values + j + 8 * c, sizeof(i8));
+        vlo[c] = v < vlo[c] ? v : vlo[c];
+        vhi[c] = v > vhi[c] ? v : vhi[c];
+        nonfinite[c] |= (u & 0x7F800000) == 0x7F800000;
+      }
+    }
+    for (int c = 1; c < kChains; ++c) {  // lanes holding NaN are flagged in nonfinite
+      vlo[0] = vlo[c] < vlo[0] ? vlo[c] : vlo[0];
+      vhi[0] = vhi[c] > vhi[0] ? vhi[c] : vhi[0];
+      nonfinite[0] |= nonfinite[c];
     }
     for (int l = 0; l < 8; ++l) {
-      lo = min_nan(lo, vlo[l]);
-      hi = max_nan(hi, vhi[l]);
-      finite = finite && !nonfinite[l];
+      lo = min_nan(lo, vlo[0][l]);
+      hi = max_nan(hi, vhi[0][l]);
+      finite = finite && !nonfinite[0][l];
     }
   }
 #endif
@@ -75,25 +86,28 @@ void group_range(const float* values, int64_t len, float& lo, float& hi) {
     lo = min_nan(lo, values[j]);
     hi = max_nan(hi, values[j]);
   }
-  if (!finite) lo = NAN;
+  lo_out = finite ? lo : NAN;
+  hi_out = hi;
 }
 
 ACTNN_CPU_CLONES
-void quantize_levels(const float* values, int64_t len, float mn, float scale, int max_level,
+void quantize_levels(const float* values, int64_t len, float mn, float inv_scale, int max_level,
                      RngKey key, uint64_t first, bool stochastic, uint8_t* levels) {
   if (stochastic) {
     // Element indices first + j in 32-bit halves: the low half steps until it wraps (if ever).
     const uint32_t lo = uint32_t(first), hi = uint32_t(first >> 32);
     const int64_t before_wrap = std::min<int64_t>(len, (int64_t(1) << 32) - int64_t(lo));
+    uint32_t salt = rng_salt(key, hi);
     for (int64_t j = 0; j < before_wrap; ++j)
-      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level,
-                                         uniform_halves(key, lo + uint32_t(j), hi)));
+      levels[j] = uint8_t(quantize_value(values[j], mn, inv_scale, max_level,
+                                         uniform_salted(salt, lo + uint32_t(j))));
+    salt = rng_salt(key, hi + 1);
     for (int64_t j = before_wrap; j < len; ++j)
-      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level,
-                                         uniform_halves(key, uint32_t(j - before_wrap), hi + 1)));
+      levels[j] = uint8_t(quantize_value(values[j], mn, inv_scale, max_level,
+                                         uniform_salted(salt, uint32_t(j - before_wrap))));
   } else {
     for (int64_t j = 0; j < len; ++j)
-      levels[j] = uint8_t(quantize_value(values[j], mn, scale, max_level, 0.5f));
+      levels[j] = uint8_t(quantize_value(values[j], mn, inv_scale, max_level, 0.5f));
   }
 }
 
@@ -159,8 +173,8 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
     const GroupParams p = group_params(lo, hi, max_level);
     meta[2 * group] = p.min_bits;
     meta[2 * group + 1] = p.scale_bits;
-    quantize_levels(values, len, bf16_to_float(p.min_bits), bf16_to_float(p.scale_bits),
-                    max_level, key, uint64_t(first), stochastic, levels.data());
+    quantize_levels(values, len, bf16_to_float(p.min_bits),
+                    reciprocal(bf16_to_float(p.scale_bits)), max_level, key, uint64_t(first), stochastic, levels.data());
     uint8_t* out = data + offsets[n] + start * b / 8;
     dispatch_bits(b, [&](auto bits_c) {
       pack_values<decltype(bits_c)::value>(levels.data(), len, out);
@@ -256,6 +270,47 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t bits, int64_t numel
   return values;
 }
 
+// Bytes [begin, end) of pack_positive, all full.
+template <typename scalar_t>
+void pack_positive_bytes(const scalar_t* in, int64_t begin, int64_t end, uint8_t* out) {
+  for (int64_t k = begin; k < end; ++k) {
+    uint32_t byte = 0;
+    for (int i = 0; i < 8; ++i) byte |= positive_bit(float(in[8 * k + i])) << i;
+    out[k] = uint8_t(byte);
+  }
+}
+
+// float32 also in AVX-512 and AVX2 (overload resolution prefers this one).
+ACTNN_CPU_CLONES
+void pack_positive_range(const float* in, int64_t begin, int64_t end, uint8_t* out) {
+  pack_positive_bytes(in, begin, end, out);
+}
+
+template <typename scalar_t>
+void pack_positive_range(const scalar_t* in, int64_t begin, int64_t end, uint8_t* out) {
+  pack_positive_bytes(in, begin, end, out);
+}
+
+at::Tensor pack_positive_cpu(const at::Tensor& values) {
+  check_pack_positive_args(values);
+  const int64_t numel = values.numel(), full = numel / 8;
+  at::Tensor packed = at::empty({(numel + 7) / 8}, values.options().dtype(at::kByte));
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_pack_positive", [&] {
+    const scalar_t* in = values.const_data_ptr<scalar_t>();
+    at::parallel_for(0, full, 2048, [&](int64_t begin, int64_t end) {
+      pack_positive_range(in, begin, end, out);
+    });
+    if (full * 8 < numel) {  // the last, partial byte
+      uint32_t byte = 0;
+      for (int64_t j = full * 8; j < numel; ++j)
+        byte |= positive_bit(float(in[j])) << (j - full * 8);
+      out[full] = uint8_t(byte);
+    }
+  });
+  return packed;
+}
+
 // Values [8 * begin, 8 * end) of apply_mask, the mask bytes [begin, end) all full.
 template <typename scalar_t>
 void apply_mask_bytes(const scalar_t* in, const uint8_t* mask, float scale, int64_t begin,
@@ -303,6 +358,7 @@ TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("pack_bits", &pack_bits_cpu);
   m.impl("unpack_bits", &unpack_bits_cpu);
+  m.impl("pack_positive", &pack_positive_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
 }
 

@@ -68,10 +68,11 @@ __global__ void pack_kernel(const scalar_t* x, const uint8_t* bits, const int64_
     for (int i = 0; i < per_byte && k * per_byte + i < sample_size; ++i) {
       const int64_t j = k * per_byte + i;
       const int64_t group = s * groups_per_sample + j / group_size;
-      const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
+      const float mn = bf16_to_float(meta[2 * group]);
+      const float inv_scale = reciprocal(bf16_to_float(meta[2 * group + 1]));
       const int64_t index = s * sample_size + j;
       const float u = stochastic ? uniform(key, uint64_t(index)) : 0.5f;
-      byte |= quantize_value(float(x[index]), mn, scale, max_level, u) << (i * b);
+      byte |= quantize_value(float(x[index]), mn, inv_scale, max_level, u) << (i * b);
     }
     data[offsets[s] + k] = uint8_t(byte);
   }
@@ -172,6 +173,32 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t nume
 }
 
 template <typename scalar_t>
+__global__ void pack_positive_kernel(const scalar_t* values, int64_t numel, int64_t bytes,
+                                     uint8_t* out) {
+  ACTNN_GRID_STRIDE_LOOP(k, bytes) {
+    uint32_t byte = 0;
+    for (int i = 0; i < 8 && 8 * k + i < numel; ++i)
+      byte |= positive_bit(float(values[8 * k + i])) << i;
+    out[k] = uint8_t(byte);
+  }
+}
+
+at::Tensor pack_positive_cuda(const at::Tensor& values) {
+  check_pack_positive_args(values);
+  c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor packed = at::empty({(values.numel() + 7) / 8}, values.options().dtype(at::kByte));
+  if (packed.numel() == 0) return packed;
+  ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_pack_positive_cuda", [&] {
+    pack_positive_kernel<scalar_t><<<blocks_for(packed.numel()), kThreads, 0,
+                                     c10::cuda::getCurrentCUDAStream()>>>(
+        values.const_data_ptr<scalar_t>(), values.numel(), packed.numel(),
+        packed.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return packed;
+}
+
+template <typename scalar_t>
 __global__ void apply_mask_kernel(const scalar_t* values, const uint8_t* mask, float scale,
                                   int64_t numel, scalar_t* out) {
   ACTNN_GRID_STRIDE_LOOP(j, numel) {
@@ -201,6 +228,7 @@ TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("dequantize", &dequantize_cuda);
   m.impl("pack_bits", &pack_bits_cuda);
   m.impl("unpack_bits", &unpack_bits_cuda);
+  m.impl("pack_positive", &pack_positive_cuda);
   m.impl("apply_mask", &apply_mask_cuda);
 }
 

@@ -179,12 +179,14 @@ def test_adaptive_lowers_variance_on_resnet18_with_real_images():
         return float(((stack - stack.mean(0)) ** 2).sum(1).mean())
 
     ratios = {}
-    for layers in ('conv', 'all'):  # the convolutions' share alone, then every layer
+    # the convolutions' share alone, then every layer, whose smaller gain (about 1.15x) needs
+    # more passes to be told from the estimate's noise (12 passes gave 1.02-1.13 over seeds)
+    for layers, passes in (('conv', 12), ('all', 24)):
         with settings('L3', adaptive=False, compressed_layers=layers):
-            uniform = variance(12)
+            uniform = variance(passes)
         with settings('L3', compressed_layers=layers):
             variance(3)
-            ratios[layers] = uniform / variance(12)
+            ratios[layers] = uniform / variance(passes)
     print(f'resnet18 on digits, gradient variance uniform / adaptive at 2 bits: {ratios}')
     assert ratios['conv'] > 1.3
     assert ratios['all'] > 1.03

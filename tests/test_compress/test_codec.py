@@ -341,6 +341,42 @@ def test_pack_bits_cuda_matches_cpu(bits):
     assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, 1234).cpu(), values)
 
 
+def _positive_case(numel, dtype):
+    g = torch.Generator().manual_seed(numel)
+    values = torch.randn(numel, generator=g).to(dtype)
+    special = torch.tensor([0.0, -0.0, float('nan'), float('inf'), -float('inf'), 1e-30, -1e-30])
+    values[:len(special)] = special[:numel].to(dtype)
+    return values
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 40961])
+def test_pack_positive_matches_reference_and_torch(numel, dtype):
+    values = _positive_case(numel, dtype)
+    packed = torch.ops.actnn_mm.pack_positive(values)
+    assert torch.equal(packed, reference.pack_positive(values))
+    assert torch.equal(packed, torch.ops.actnn_mm.pack_bits(values > 0, 1))  # NaN, -0: not set
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_pack_positive_checks_and_opcheck():
+    values = _positive_case(100, torch.float32)
+    with pytest.raises(RuntimeError, match='contiguous values'):
+        torch.ops.actnn_mm.pack_positive(values.view(10, 10).t())
+    with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
+        torch.ops.actnn_mm.pack_positive(values.double())
+    torch.library.opcheck(torch.ops.actnn_mm.pack_positive, (values,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_pack_positive_cuda_matches_cpu(dtype):
+    values = _positive_case(4099, dtype)
+    gpu = torch.ops.actnn_mm.pack_positive(values.cuda())
+    assert torch.equal(gpu.cpu(), torch.ops.actnn_mm.pack_positive(values))
+
+
 def _mask_case(numel, dtype):
     g = torch.Generator().manual_seed(numel)
     values = (torch.randn(numel, generator=g) * 3).to(dtype)
