@@ -13,6 +13,11 @@ TORCH_LIBRARY(actnn_mm, m) {
   m.def(
       "dequantize(Tensor data, Tensor meta, Tensor bits, Tensor offsets, SymInt num_samples, "
       "SymInt sample_size, int group_size, ScalarType dtype) -> Tensor");
+  // dequantize of samples quantized as (rows, cols) row-major matrices, each returned transposed:
+  // (num_samples, cols, rows), e.g. an NCHW activation (rows = C, cols = H * W) in channels_last.
+  m.def(
+      "dequantize_transposed(Tensor data, Tensor meta, Tensor bits, Tensor offsets, "
+      "SymInt num_samples, SymInt rows, SymInt cols, int group_size, ScalarType dtype) -> Tensor");
   // Exact packing of small integers (masks, indices): values: contiguous uint8 or bool, each
   // below 2^bits; value i goes to bits [(i % k) * bits, ...) of byte i / k, k = 8 / bits.
   m.def("pack_bits(Tensor values, int bits) -> Tensor");
@@ -24,6 +29,9 @@ TORCH_LIBRARY(actnn_mm, m) {
   // bfloat16; mask: pack_bits(..., 1) of values.numel() booleans. Returns values * scale where
   // the mask is set and 0 elsewhere (the product in float32).
   m.def("apply_mask(Tensor values, Tensor mask, float scale) -> Tensor");
+  // apply_mask of (N, cols, rows) values whose mask is in (N, rows, cols) order, e.g. a
+  // channels_last gradient and the mask of an NCHW activation.
+  m.def("apply_mask_transposed(Tensor values, Tensor mask, float scale) -> Tensor");
 }
 
 // Importing actnn_mm._C runs the registrations above; the module itself is empty but says

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import types
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -344,26 +344,13 @@ def _training(name: str, method: str, batch: int, image_size: int,
     return _Training(model, optimizer, forward, step, generic)
 
 
-def measure_memory(name: str, method: str, batch: int, image_size: int, steps: int) -> Dict:
-    """Activation memory held after the forward pass of one training step, and step time.
-
-    Run it in a fresh process under ``MALLOC_MMAP_THRESHOLD_=65536`` for a meaningful RSS.
-
-    Returns:
-        ``method``; ``rss_bytes``: RSS growth over the forward pass; ``counted_bytes``: what
-        autograd saves outside generic mode (unique storages, parameters excluded) + what the
-        ActNN layers hold + what generic mode keeps (``generic_bytes`` compressed,
-        ``generic_kept_bytes`` left in full precision by reason, counted at each save);
-        ``step_seconds``: median of ``steps`` steps, the measured one first; ``load_average``:
-        1-minute load average at the end. Only ``method`` and ``unsupported`` (the reason) when
-        the model cannot run it: CP with a backbone without ``with_cp``, AMP through an op
-        without a bfloat16 CPU kernel.
-    """
-    from actnn_mm.layers.saved import held_bytes
-
+def _warmed_up(name: str, method: str, batch: int, image_size: int) -> Union[_Training, Dict]:
+    """The training of ``name`` by ``method`` after one step (so gradients and optimizer state
+    exist), or ``{'method', 'unsupported'}`` when the model cannot run it: CP with a backbone
+    without ``with_cp``, AMP through an op without a bfloat16 CPU kernel."""
     try:
         run = _training(name, method, batch, image_size, torch.device('cpu'))
-        run.step()  # warm-up; gradients and optimizer state exist from here on
+        run.step()
     except Unsupported as e:
         return {'method': method, 'unsupported': str(e)}
     except RuntimeError as e:  # an op without a bfloat16 CPU kernel (e.g. mmcv's nms)
@@ -373,9 +360,27 @@ def measure_memory(name: str, method: str, batch: int, image_size: int, steps: i
                                 os.path.dirname(os.path.dirname(torch.__file__)))
         return {'method': method, 'unsupported': f'fails in {where}: {str(e).splitlines()[0]}'}
     gc.collect()
+    return run
+
+
+def measure_memory(name: str, method: str, batch: int, image_size: int) -> Dict:
+    """Activation memory held after the forward pass of one training step.
+
+    Run it in a fresh process under ``MALLOC_MMAP_THRESHOLD_=65536`` for a meaningful RSS.
+
+    Returns:
+        ``method``; ``rss_bytes``: RSS growth over the forward pass; ``counted_bytes``: what
+        autograd saves outside generic mode (unique storages, parameters excluded) + what the
+        ActNN layers hold + what generic mode keeps (``generic_bytes`` compressed,
+        ``generic_kept_bytes`` left in full precision by reason, counted at each save). Only
+        ``method`` and ``unsupported`` (the reason) when the model cannot run it.
+    """
+    from actnn_mm.layers.saved import held_bytes
+
+    run = _warmed_up(name, method, batch, image_size)
+    if isinstance(run, dict):
+        return run
     counter = _SavedTensorCounter(list(run.model.parameters()))
-    # The measured step is the first timed one: the counter costs microseconds per saved tensor.
-    start = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=False)
     before_rss, before_held = _rss_bytes(), held_bytes()
     with counter:  # outside generic mode, which the forward enters at L3+
@@ -387,29 +392,54 @@ def measure_memory(name: str, method: str, batch: int, image_size: int, steps: i
                + sum(kept.values()))
     loss.backward()
     run.optimizer.step()
-    del loss
-    seconds = [time.perf_counter() - start]
-    for _ in range(steps - 1):
+    return {'method': method, 'rss_bytes': after_rss - before_rss, 'counted_bytes': counted,
+            'generic_bytes': generic.saved_bytes, 'generic_kept_bytes': kept}
+
+
+def measure_step_time(name: str, method: str, batch: int, image_size: int, steps: int) -> Dict:
+    """Median wall time of ``steps`` training steps after a warm-up one.
+
+    Run it in a fresh process with the default allocator settings: under
+    ``MALLOC_MMAP_THRESHOLD_=65536`` every freed tensor returns to the system and is faulted in
+    again, which slows full-precision training most (ResNet-50, batch 16, 224 px: FP32 1.8x).
+
+    Returns:
+        ``method``, ``step_seconds`` and ``load_average`` (1-minute, at the end), or ``method``
+        and ``unsupported`` as :func:`measure_memory`.
+    """
+    run = _warmed_up(name, method, batch, image_size)
+    if isinstance(run, dict):
+        return run
+    seconds = []
+    for _ in range(steps):
         start = time.perf_counter()
         run.step()
         seconds.append(time.perf_counter() - start)
-    return {'method': method, 'rss_bytes': after_rss - before_rss, 'counted_bytes': counted,
-            'generic_bytes': generic.saved_bytes, 'generic_kept_bytes': kept,
-            'step_seconds': statistics.median(seconds), 'load_average': os.getloadavg()[0]}
+    return {'method': method, 'step_seconds': statistics.median(seconds),
+            'load_average': os.getloadavg()[0]}
 
 
 def memory_probe(args: argparse.Namespace) -> None:
-    """:func:`measure_memory` in this process, printed as one JSON line."""
-    print(json.dumps(measure_memory(args.model, args.method, args.batch, args.image_size,
-                                    args.steps)))
+    """:func:`measure_step_time` (``--timing``) or :func:`measure_memory` in this process,
+    printed as one JSON line."""
+    if args.timing:
+        result = measure_step_time(args.model, args.method, args.batch, args.image_size,
+                                   args.steps)
+    else:
+        result = measure_memory(args.model, args.method, args.batch, args.image_size)
+    print(json.dumps(result))
 
 
-def _run_memory_probe(method: str, args: argparse.Namespace) -> Dict:
-    """:func:`memory_probe` in a fresh process, whose freed memory leaves its RSS at once."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+def _run_memory_probe(method: str, args: argparse.Namespace, timing: bool = False) -> Dict:
+    """:func:`memory_probe` in a fresh process: one whose freed memory leaves its RSS at once,
+    or (``timing``) one with the default allocator."""
+    env = dict(os.environ)
+    env.pop('MALLOC_MMAP_THRESHOLD_', None)
+    if not timing:
+        env['MALLOC_MMAP_THRESHOLD_'] = '65536'
     cmd = [sys.executable, __file__, '_memory_probe', '--model', args.model, '--method', method,
            '--batch', str(args.batch), '--image-size', str(args.image_size),
-           '--steps', str(args.steps)]
+           '--steps', str(args.steps)] + (['--timing'] if timing else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f'{args.model} {method} failed:\n{proc.stderr[-3000:]}')
@@ -437,6 +467,8 @@ def memory(args: argparse.Namespace) -> Dict:
     rows = []
     for method in args.methods:
         row = _run_memory_probe(method, args)
+        if 'unsupported' not in row:
+            row.update(_run_memory_probe(method, args, timing=True))
         rows.append(row)
         print(f'  {args.model} {method}: ' + (row.get('unsupported') or (
             f"RSS {row['rss_bytes'] / 2**20:.1f} MiB, counted "
@@ -708,6 +740,7 @@ def main() -> None:
             p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
         else:
             p.add_argument('--method', choices=METHODS, required=True)
+            p.add_argument('--timing', action='store_true')
         p.set_defaults(run=run)
     for name, run in (('maxbatch', maxbatch), ('_maxbatch_probe', maxbatch_probe)):
         p = studies.add_parser(name, help='largest batch under a memory budget, and throughput'

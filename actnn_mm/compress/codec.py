@@ -89,7 +89,8 @@ def samples_view(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...
 def _bits_per_sample(bits: Union[int, torch.Tensor], n: int) -> List[int]:
     """Validated bit width of each of the ``n`` samples."""
     if isinstance(bits, torch.Tensor):
-        if bits.dim() != 1 or bits.shape[0] != n or bits.dtype.is_floating_point or bits.is_complex():
+        if bits.dim() != 1 or bits.shape[0] != n or bits.dtype.is_floating_point \
+                or bits.is_complex():
             raise ValueError(f'actnn_mm.compress.quantize: per-sample bits must be a 1-D integer '
                              f'tensor of length {n} (the size of dim 0), got {bits.dtype} '
                              f'of shape {tuple(bits.shape)}')
@@ -193,10 +194,6 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
                             group_size)
 
 
-# dequantize(memory_format=channels_last) writes this many slices of the batch one after another
-_LAYOUT_SLICES = 16
-
-
 def dequantize(c: CompressedTensor,
                memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
     """The tensor ``c`` was made from, up to quantization noise: same shape, dtype, device, and
@@ -205,8 +202,8 @@ def dequantize(c: CompressedTensor,
     Args:
         c: the compressed tensor.
         memory_format: ``torch.channels_last`` to get a 4-D tensor quantized in NCHW order in
-            that layout, written a few samples at a time (no second full-size copy); None (or
-            any other value) keeps the layout it was quantized from.
+            that layout (each sample transposed as it is dequantized: no second full-size copy);
+            None (or any other value) keeps the layout it was quantized from.
 
     Raises:
         ValueError: an activation quantized on an accelerator since the last check held NaN or
@@ -215,9 +212,12 @@ def dequantize(c: CompressedTensor,
     check_pending()
     n = c.offsets.shape[0] - 1
     m = c.shape.numel() // n if n else 0
-    if memory_format is torch.channels_last and len(c.shape) == 4 and c.permutation is None \
-            and n > 1:
-        return _dequantize_channels_last(c, n, m)
+    if memory_format is torch.channels_last and len(c.shape) == 4 and c.permutation is None:
+        channels = c.shape[1]
+        values = ops.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, n, channels,
+                                           m // channels if channels else 0, c.group_size,
+                                           c.dtype)
+        return values.view(n, c.shape[2], c.shape[3], channels).permute(0, 3, 1, 2)
     samples = ops.dequantize(c.data, c.meta, c.bits, c.offsets, n, m, c.group_size, c.dtype)
     if c.permutation is None:
         return samples.reshape(c.shape)
@@ -225,19 +225,3 @@ def dequantize(c: CompressedTensor,
     inverse = sorted(range(len(c.permutation)), key=lambda i: c.permutation[i])
     return samples.reshape(permuted).permute(inverse)
 
-
-def _dequantize_channels_last(c: CompressedTensor, n: int, m: int) -> torch.Tensor:
-    """:func:`dequantize` of an NCHW-ordered ``c`` into a channels_last tensor, slice by slice of
-    samples (each sample's stream starts on a byte at ``c.offsets``), so that only a slice is
-    held twice. Values are those of :func:`dequantize`, bit for bit."""
-    out = torch.empty(c.shape, dtype=c.dtype, device=c.device, memory_format=torch.channels_last)
-    groups = -(-m // c.group_size)
-    starts = c.offsets.tolist()
-    step = -(-n // _LAYOUT_SLICES)
-    for i in range(0, n, step):
-        j = min(n, i + step)
-        part = ops.dequantize(c.data[starts[i]:starts[j]], c.meta[i * groups:j * groups],
-                              c.bits[i:j], c.offsets[i:j + 1] - starts[i], j - i, m,
-                              c.group_size, c.dtype)
-        out[i:j].copy_(part.view((j - i,) + tuple(c.shape[1:])))
-    return out

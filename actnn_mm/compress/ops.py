@@ -54,6 +54,11 @@ if _C is not None:
     def _dequantize_fake(data, meta, bits, offsets, num_samples, sample_size, group_size, dtype):
         return data.new_empty((num_samples, sample_size), dtype=dtype)
 
+    @torch.library.register_fake('actnn_mm::dequantize_transposed')
+    def _dequantize_transposed_fake(data, meta, bits, offsets, num_samples, rows, cols,
+                                    group_size, dtype):
+        return data.new_empty((num_samples, cols, rows), dtype=dtype)
+
     @torch.library.register_fake('actnn_mm::pack_bits')
     def _pack_bits_fake(values, bits):
         return values.new_empty(-(-values.numel() * bits // 8), dtype=torch.uint8)
@@ -68,6 +73,10 @@ if _C is not None:
 
     @torch.library.register_fake('actnn_mm::apply_mask')
     def _apply_mask_fake(values, mask, scale):
+        return torch.empty_like(values)
+
+    @torch.library.register_fake('actnn_mm::apply_mask_transposed')
+    def _apply_mask_transposed_fake(values, mask, scale):
         return torch.empty_like(values)
 
 
@@ -89,6 +98,19 @@ def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offse
     _warn_fallback(data.device)
     return reference.dequantize(data, meta, bits, offsets, num_samples, sample_size, group_size,
                                 dtype)
+
+
+def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor,
+                          offsets: torch.Tensor, num_samples: int, rows: int, cols: int,
+                          group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize` of samples quantized as (rows, cols) matrices, each transposed:
+    (num_samples, cols, rows)."""
+    if _extension_serves(data.device):
+        return torch.ops.actnn_mm.dequantize_transposed(data, meta, bits, offsets, num_samples,
+                                                        rows, cols, group_size, dtype)
+    _warn_fallback(data.device)
+    return reference.dequantize_transposed(data, meta, bits, offsets, num_samples, rows, cols,
+                                           group_size, dtype)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -122,3 +144,12 @@ def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.
         return torch.ops.actnn_mm.apply_mask(values, mask, scale)
     _warn_fallback(values.device)
     return reference.apply_mask(values, mask, scale)
+
+
+def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`apply_mask` of contiguous (N, cols, rows) ``values`` whose mask holds the bits of
+    N (rows, cols) matrices."""
+    if _extension_serves(values.device):
+        return torch.ops.actnn_mm.apply_mask_transposed(values, mask, scale)
+    _warn_fallback(values.device)
+    return reference.apply_mask_transposed(values, mask, scale)

@@ -137,6 +137,13 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
     return data, meta
 
 
+def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor,
+                          offsets: torch.Tensor, num_samples: int, rows: int, cols: int,
+                          group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    values = dequantize(data, meta, bits, offsets, num_samples, rows * cols, group_size, dtype)
+    return values.view(num_samples, rows, cols).transpose(1, 2).contiguous()
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     flat = values.reshape(-1).view(torch.uint8)
     per_byte = 8 // bits
@@ -160,6 +167,13 @@ def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.
     keep = unpack_bits(mask, 1, values.numel()).view(values.shape).bool()
     scaled = (values.float() * torch.tensor(scale, dtype=torch.float32)).to(values.dtype)
     return torch.where(keep, scaled, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    n, cols, rows = values.shape
+    keep = unpack_bits(mask, 1, values.numel()).view(n, rows, cols).transpose(1, 2)
+    return apply_mask(values, pack_bits(keep.contiguous(), 1), scale)
 
 
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,

@@ -17,6 +17,7 @@ what torch would have kept (``actnn_full_bytes``); :func:`held_bytes` tells how 
 layers hold outside autograd's saved tensors right now, over all modules.
 """
 import dataclasses
+import math
 import threading
 import weakref
 from typing import Dict, Optional, Tuple, Union
@@ -25,7 +26,7 @@ import torch
 
 from ..allocate import allocator
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
-from ..compress.ops import apply_mask, pack_bits, pack_positive, unpack_bits
+from ..compress.ops import apply_mask, apply_mask_transposed, pack_bits, pack_positive, unpack_bits
 from ..config import config
 from ..stats import step_log
 
@@ -239,17 +240,30 @@ def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Te
     packed = _fetch(stored)
     if values.dtype not in FLOAT_DTYPES:  # e.g. float64: the kernel serves the codec's dtypes
         return values * unpack_ints(packed) * scale
-    order = packed.permutation
-    ordered = values if order is None else values.permute(order)  # the mask's memory order
-    if not ordered.is_contiguous() and _dense_order(values) is not None:
-        # values in another layout than the mask (a channels_last gradient): repacking the mask
-        # in theirs (a byte per value) is 2x faster than any op across the two layouts
-        mask = torch.empty_like(values, dtype=torch.bool).copy_(unpack_ints(packed))
-        return masked(pack_ints(mask, 1), values, scale)
-    out = apply_mask(ordered.contiguous(), packed.data, scale)
-    if order is None:
-        return out
+    order = packed.permutation or tuple(range(values.dim()))  # the mask's memory order
+    layout = _dense_order(values)
+    split = _rotation(order, layout) if layout is not None else None
+    if split is None:  # the same layout, or one no kernel reads across
+        out = apply_mask(values.permute(order).contiguous(), packed.data, scale)
+    else:
+        # values' memory order is the mask's with its dims [1, split) moved last (a
+        # channels_last gradient and the mask of an NCHW activation, or the other way round):
+        # per sample, a transposed (rows, cols) matrix
+        order = order[:1] + order[split:] + order[1:split]
+        view = values.permute(order)
+        rows = math.prod(view.shape[len(order) - split + 1:])
+        out = apply_mask_transposed(view.reshape(view.shape[0], -1, rows), packed.data, scale)
+        out = out.view(view.shape)
     return out.permute(sorted(range(len(order)), key=lambda i: order[i]))
+
+
+def _rotation(mask_order: Tuple[int, ...], values_order: Tuple[int, ...]) -> Optional[int]:
+    """The ``split`` for which ``values_order`` is ``mask_order`` with its dims ``[1, split)``
+    moved last, or None."""
+    for split in range(2, len(mask_order)):
+        if values_order == mask_order[:1] + mask_order[split:] + mask_order[1:split]:
+            return split
+    return None
 
 
 def save_activation(ctx: torch.autograd.function.FunctionCtx, module: torch.nn.Module,

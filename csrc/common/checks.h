@@ -81,6 +81,7 @@ inline void check_quantize_args(const at::Tensor& x, const at::Tensor& bits,
 inline void check_dequantize_args(const at::Tensor& data, const at::Tensor& meta,
                                   const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
                                   int64_t sample_size, int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(n >= 0 && sample_size >= 0, "actnn_mm: negative sizes");
   check_float_dtype(dtype);
   check_stream_args(bits, offsets, n, group_size, data.device());
   const int64_t groups = n * num_groups(sample_size, group_size);

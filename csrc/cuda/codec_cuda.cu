@@ -78,12 +78,16 @@ __global__ void pack_kernel(const scalar_t* x, const uint8_t* bits, const int64_
   }
 }
 
+// Output element t is value j of its sample, which is a (rows, cols) matrix written transposed
+// (rows = 1: dequantize, in order).
 template <typename scalar_t>
 __global__ void dequantize_kernel(const uint8_t* data, const uint16_t* meta, const uint8_t* bits,
-                                  const int64_t* offsets, int64_t n, int64_t sample_size,
+                                  const int64_t* offsets, int64_t n, int64_t rows, int64_t cols,
                                   int64_t group_size, int64_t groups_per_sample, scalar_t* out) {
+  const int64_t sample_size = rows * cols;
   ACTNN_GRID_STRIDE_LOOP(t, n * sample_size) {
-    const int64_t s = t / sample_size, j = t % sample_size;
+    const int64_t s = t / sample_size, k = t % sample_size;
+    const int64_t j = (k % rows) * cols + k / rows;
     const int64_t group = s * groups_per_sample + j / group_size;
     const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
     out[t] = scalar_t(dequantize_value(unpack_value(data + offsets[s], j, bits[s]), mn, scale));
@@ -119,24 +123,33 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::
   return {data, meta};
 }
 
-at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
-                           const at::Tensor& offsets, int64_t n, int64_t sample_size,
-                           int64_t group_size, at::ScalarType dtype) {
-  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
-  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+at::Tensor dequantize_transposed_cuda(const at::Tensor& data, const at::Tensor& meta,
+                                      const at::Tensor& bits, const at::Tensor& offsets,
+                                      int64_t n, int64_t rows, int64_t cols, int64_t group_size,
+                                      at::ScalarType dtype) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "actnn_mm: negative sizes");
+  check_dequantize_args(data, meta, bits, offsets, n, rows * cols, group_size, dtype);
+  const int64_t groups_per_sample = num_groups(rows * cols, group_size);
   c10::cuda::CUDAGuard guard(data.device());
-  at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
+  at::Tensor out = at::empty({n, cols, rows}, data.options().dtype(dtype));
   if (out.numel() == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_cuda", [&] {
-    dequantize_kernel<scalar_t><<<blocks_for(n * sample_size), kThreads, 0, stream>>>(
+    dequantize_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
         data.const_data_ptr<uint8_t>(),
         reinterpret_cast<const uint16_t*>(meta.const_data_ptr<at::BFloat16>()),
-        bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), n, sample_size,
+        bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), n, rows, cols,
         group_size, groups_per_sample, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
+                           const at::Tensor& offsets, int64_t n, int64_t sample_size,
+                           int64_t group_size, at::ScalarType dtype) {
+  return dequantize_transposed_cuda(data, meta, bits, offsets, n, 1, sample_size, group_size,
+                                    dtype).view({n, sample_size});
 }
 
 __global__ void pack_bits_kernel(const uint8_t* values, int64_t count, int bits, int64_t bytes,
@@ -198,16 +211,21 @@ at::Tensor pack_positive_cuda(const at::Tensor& values) {
   return packed;
 }
 
+// Value t of sample s is element (k / rows, k % rows) of its (cols, rows) matrix, whose mask bit is
+// at (k % rows, k / rows) of the (rows, cols) one (rows = 1: apply_mask, in order).
 template <typename scalar_t>
 __global__ void apply_mask_kernel(const scalar_t* values, const uint8_t* mask, float scale,
-                                  int64_t numel, scalar_t* out) {
-  ACTNN_GRID_STRIDE_LOOP(j, numel) {
-    out[j] = scalar_t(masked_value(float(values[j]), unpack_value(mask, j, 1), scale));
+                                  int64_t numel, int64_t rows, int64_t cols, scalar_t* out) {
+  const int64_t sample_size = rows * cols;
+  ACTNN_GRID_STRIDE_LOOP(t, numel) {
+    const int64_t k = t % sample_size;
+    const int64_t j = t - k + (k % rows) * cols + k / rows;
+    out[t] = scalar_t(masked_value(float(values[t]), unpack_value(mask, j, 1), scale));
   }
 }
 
-at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, double scale) {
-  check_apply_mask_args(values, mask);
+at::Tensor launch_apply_mask(const at::Tensor& values, const at::Tensor& mask, double scale,
+                             int64_t rows, int64_t cols) {
   c10::cuda::CUDAGuard guard(values.device());
   at::Tensor out = at::empty_like(values);
   if (out.numel() == 0) return out;
@@ -215,10 +233,22 @@ at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, dou
     apply_mask_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0,
                                   c10::cuda::getCurrentCUDAStream()>>>(
         values.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(), float(scale),
-        out.numel(), out.data_ptr<scalar_t>());
+        out.numel(), rows, cols, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, double scale) {
+  check_apply_mask_args(values, mask);
+  return launch_apply_mask(values, mask, scale, 1, std::max<int64_t>(values.numel(), 1));
+}
+
+at::Tensor apply_mask_transposed_cuda(const at::Tensor& values, const at::Tensor& mask,
+                                      double scale) {
+  check_apply_mask_args(values, mask);
+  TORCH_CHECK(values.dim() == 3, "actnn_mm: apply_mask_transposed expects (N, cols, rows) values");
+  return launch_apply_mask(values, mask, scale, values.size(2), values.size(1));
 }
 
 }  // namespace
@@ -226,10 +256,12 @@ at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, dou
 TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
+  m.impl("dequantize_transposed", &dequantize_transposed_cuda);
   m.impl("pack_bits", &pack_bits_cuda);
   m.impl("unpack_bits", &unpack_bits_cuda);
   m.impl("pack_positive", &pack_positive_cuda);
   m.impl("apply_mask", &apply_mask_cuda);
+  m.impl("apply_mask_transposed", &apply_mask_transposed_cuda);
 }
 
 }  // namespace actnn

@@ -233,6 +233,8 @@ def test_opcheck(dtype):
                           (x, c.bits, c.offsets, 32, 5, True, c.data.numel()))
     torch.library.opcheck(torch.ops.actnn_mm.dequantize,
                           (c.data, c.meta, c.bits, c.offsets, 3, 100, 32, dtype))
+    torch.library.opcheck(torch.ops.actnn_mm.dequantize_transposed,
+                          (c.data, c.meta, c.bits, c.offsets, 3, 4, 25, 32, dtype))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
@@ -282,6 +284,8 @@ def test_cuda_matches_cpu_bit_for_bit(bits, dtype):
     assert torch.equal(cpu.meta.view(torch.int16), gpu.meta.cpu().view(torch.int16))
     assert torch.equal(dequantize(cpu), dequantize(gpu).cpu())
     assert torch.equal(dequantize(cpu.to('cuda')).cpu(), dequantize(cpu))
+    layout = torch.channels_last
+    assert torch.equal(dequantize(cpu, layout), dequantize(gpu, layout).cpu())
     pinned = gpu.to('cpu').pin_memory()
     assert pinned.data.is_pinned() and torch.equal(dequantize(pinned), dequantize(cpu))
 
@@ -413,13 +417,57 @@ def test_apply_mask_cuda_matches_cpu(dtype):
     values, _, mask = _mask_case(4099, dtype)
     gpu = torch.ops.actnn_mm.apply_mask(values.cuda(), mask.cuda(), 1.5)
     assert torch.equal(gpu.cpu(), torch.ops.actnn_mm.apply_mask(values, mask, 1.5))
+    values = values[:3 * 37 * 35].view(3, 35, 37)
+    gpu = torch.ops.actnn_mm.apply_mask_transposed(values.cuda(), mask.cuda(), 1.5)
+    assert torch.equal(gpu.cpu(), torch.ops.actnn_mm.apply_mask_transposed(values, mask, 1.5))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('shape', [(0, 4, 4), (1, 1, 1), (2, 7, 3), (3, 40, 33), (2, 64, 64)])
+def test_apply_mask_transposed_matches_reference_and_torch(shape, dtype):
+    n, cols, rows = shape
+    values, keep, mask = _mask_case(n * cols * rows, dtype)
+    values = values.view(shape)
+    out = torch.ops.actnn_mm.apply_mask_transposed(values, mask, 2.5)
+    assert torch.equal(out, reference.apply_mask_transposed(values, mask, 2.5))
+    keep = keep.view(n, rows, cols).transpose(1, 2)  # the mask's bits are in (rows, cols) order
+    assert torch.equal(out, torch.where(keep, (values.float() * 2.5).to(dtype), 0))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_apply_mask_transposed_checks_and_opcheck():
+    values, _, mask = _mask_case(120, torch.float32)
+    with pytest.raises(RuntimeError, match=r'\(N, cols, rows\)'):
+        torch.ops.actnn_mm.apply_mask_transposed(values, mask, 1.0)
+    with pytest.raises(RuntimeError, match='at least 15 bytes'):
+        torch.ops.actnn_mm.apply_mask_transposed(values.view(2, 6, 10), mask[:12], 1.0)
+    torch.library.opcheck(torch.ops.actnn_mm.apply_mask_transposed,
+                          (values.view(2, 6, 10), mask, 2.0))
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('bits', [2, MIXED])
-def test_dequantize_into_channels_last_is_bit_identical(dtype, bits):
-    x = (torch.randn(37, 5, 6, 7) * 3).to(dtype)  # 37 samples: slices of unequal size
+@pytest.mark.parametrize('shape', [(37, 5, 6, 7), (3, 64, 8, 12), (2, 40, 9, 9), (1, 1, 3, 3),
+                                   (4, 3, 1, 1), (0, 3, 4, 4)])
+def test_dequantize_into_channels_last_is_bit_identical(dtype, bits, shape):
+    # channels and pixels below, at and across the CPU kernel's 32 x 32 tiles and 8 x 8 blocks
+    x = (torch.randn(shape) * 3).to(dtype)
     c = quantize(x, _bits_for(x, bits), group_size=64)
     y = dequantize(c, torch.channels_last)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, dequantize(c))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_dequantize_transposed_matches_reference(dtype):
+    x = (torch.randn(5, 70 * 33) * 3).to(dtype)
+    c = quantize(x, _bits_for(x, MIXED), group_size=48)
+    args = (c.data, c.meta, c.bits, c.offsets, 5, 70, 33, 48, dtype)
+    out = torch.ops.actnn_mm.dequantize_transposed(*args)
+    assert out.shape == (5, 33, 70)
+    assert torch.equal(out, reference.dequantize_transposed(*args))
+    with pytest.raises(RuntimeError, match='meta must be .* shape'):  # 70 x 34 values per sample
+        torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, 5, 70, 34,
+                                                 48, dtype)

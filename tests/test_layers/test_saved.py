@@ -30,7 +30,7 @@ def test_pack_ints_round_trip(bits, layout):
 
 
 @pytest.mark.parametrize('mask_layout', ['contiguous', 'channels_last', 'transposed'])
-@pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last', 'expanded'])
+@pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last', 'permuted', 'expanded'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
 def test_masked_in_any_pair_of_layouts(mask_layout, grad_layout, dtype):
     gen = torch.Generator().manual_seed(0)
@@ -42,6 +42,8 @@ def test_masked_in_any_pair_of_layouts(mask_layout, grad_layout, dtype):
         keep, grad = keep.transpose(1, 3), grad.transpose(1, 3)
     if grad_layout == 'channels_last' and grad.dim() == 4 and mask_layout != 'transposed':
         grad = grad.to(memory_format=torch.channels_last)
+    if grad_layout == 'permuted':  # dense, in an order no kernel reads across from the mask's
+        grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
     if grad_layout == 'expanded':  # e.g. the gradient of a sum: not dense
         grad = grad[:1].expand(grad.shape)
     stored = save_packed(keep, 1, torch.nn.ReLU(), keep.nbytes)

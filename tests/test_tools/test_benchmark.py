@@ -115,9 +115,9 @@ def small_models(tmp_path, monkeypatch):
 def test_memory_probe_compresses_each_model_family(name, small_models):
     _, batch, size = SMALL[name]
     with settings('L3'):  # the probe sets the level: restore the config after
-        fp32, l3 = (benchmark.measure_memory(name, method, batch, size, steps=1)
+        fp32, l3 = (benchmark.measure_memory(name, method, batch, size)
                     for method in ('FP32', 'L3'))
-    assert fp32['generic_bytes'] == 0 and fp32['counted_bytes'] > 0 and fp32['step_seconds'] > 0
+    assert fp32['generic_bytes'] == 0 and fp32['counted_bytes'] > 0
     assert l3['counted_bytes'] < fp32['counted_bytes'] / 4
     # Generic mode ran (the counter did not shadow it) and its bytes are counted.
     assert l3['counted_bytes'] >= l3['generic_bytes'] + sum(l3['generic_kept_bytes'].values())
@@ -126,18 +126,29 @@ def test_memory_probe_compresses_each_model_family(name, small_models):
 
 
 def test_amp_through_an_op_without_bfloat16_cpu_kernel_is_unsupported(small_models):
-    amp = benchmark.measure_memory('faster-rcnn', 'AMP', 1, 64, steps=1)
+    amp = benchmark.measure_memory('faster-rcnn', 'AMP', 1, 64)
     assert amp['unsupported'].startswith('fails in mmcv/ops/nms.py')  # no bfloat16 CPU kernel
+    assert benchmark.measure_step_time('faster-rcnn', 'AMP', 1, 64, steps=1) == amp
+
+
+def test_step_time_probe(small_models):
+    _, batch, size = SMALL['fcn']
+    with settings('L3'):
+        timed = benchmark.measure_step_time('fcn', 'L3', batch, size, steps=2)
+    assert set(timed) == {'method', 'step_seconds', 'load_average'}
+    assert timed['method'] == 'L3' and timed['step_seconds'] > 0
 
 
 def test_memory_table_and_json_per_model(out_dir, monkeypatch, capsys):
-    def probe(method, args):
+    def probe(method, args, timing=False):
         if method == 'CP':
             return {'method': 'CP', 'unsupported': 'VisionTransformer takes no with_cp'}
+        if timing:
+            return {'method': method, 'step_seconds': 3.0 if method == 'L3' else 2.0,
+                    'load_average': 1.0}
         scale = {'FP32': 8, 'L3': 1}[method]
         return {'method': method, 'rss_bytes': scale * 2**20, 'counted_bytes': scale * 2**20,
-                'generic_bytes': 2**19 if method == 'L3' else 0, 'generic_kept_bytes': {},
-                'step_seconds': 3.0 if method == 'L3' else 2.0, 'load_average': 1.0}
+                'generic_bytes': 2**19 if method == 'L3' else 0, 'generic_kept_bytes': {}}
 
     monkeypatch.setattr(benchmark, '_run_memory_probe', probe)
     args = argparse.Namespace(model='vit-b16', batch=None, image_size=None, steps=1,
