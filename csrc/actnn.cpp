@@ -5,7 +5,8 @@
 
 TORCH_LIBRARY(actnn_mm, m) {
   // x: (N, M) contiguous float32/float16/bfloat16; bits: (N,) uint8; offsets: (N + 1,) int64 byte
-  // offsets of each sample's packed stream. Returns (data: uint8[total_bytes], meta: bfloat16[groups, 2]).
+  // offsets of each sample's packed stream. Returns (data: uint8[total_bytes],
+  // meta: bfloat16[groups, 2]).
   m.def(
       "quantize(Tensor x, Tensor bits, Tensor offsets, int group_size, int seed, bool stochastic, "
       "SymInt total_bytes) -> (Tensor, Tensor)");

@@ -174,7 +174,8 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
     meta[2 * group] = p.min_bits;
     meta[2 * group + 1] = p.scale_bits;
     quantize_levels(values, len, bf16_to_float(p.min_bits),
-                    reciprocal(bf16_to_float(p.scale_bits)), max_level, key, uint64_t(first), stochastic, levels.data());
+                    reciprocal(bf16_to_float(p.scale_bits)), max_level, key, uint64_t(first),
+                    stochastic, levels.data());
     uint8_t* out = data + offsets[n] + start * b / 8;
     dispatch_bits(b, [&](auto bits_c) {
       pack_values<decltype(bits_c)::value>(levels.data(), len, out);
@@ -346,11 +347,12 @@ at::Tensor dequantize_transposed_cpu(const at::Tensor& data, const at::Tensor& m
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_transposed", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sample(sample_size);
+      const at::Tensor buffer = at::empty({sample_size}, out.options());
+      scalar_t* sample = buffer.data_ptr<scalar_t>();
       for (int64_t s = begin; s < end; ++s) {
         for (int64_t g = 0; g < stream.groups_per_sample; ++g)
-          stream.dequantize_group(s * stream.groups_per_sample + g, sample.data());
-        transpose(sample.data(), rows, cols, op + s * sample_size);
+          stream.dequantize_group(s * stream.groups_per_sample + g, sample);
+        transpose(sample, rows, cols, op + s * sample_size);
       }
     });
   });
@@ -360,7 +362,8 @@ at::Tensor dequantize_transposed_cpu(const at::Tensor& data, const at::Tensor& m
 at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits) {
   check_pack_args(values, bits);
   const int64_t count = values.numel(), per_byte = 8 / bits;
-  at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
+  at::Tensor packed =
+      at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
   const uint8_t* in = reinterpret_cast<const uint8_t*>(values.const_data_ptr());
   uint8_t* out = packed.data_ptr<uint8_t>();
   at::parallel_for(0, packed.numel(), 4096, [&](int64_t begin, int64_t end) {
@@ -483,20 +486,37 @@ uint64_t transpose_bits(uint64_t x) {
   return x ^ t ^ (t << 28);
 }
 
-// The packed bits of a (rows, cols) matrix, rows and cols multiples of 8, in (cols, rows) order.
-void transpose_mask(const uint8_t* mask, int64_t rows, int64_t cols, uint8_t* out) {
+// Bits [bit, bit + 8) of a mask of `bytes` bytes as a byte (bits past its end read as 0).
+uint32_t byte_at_bit(const uint8_t* mask, int64_t bytes, int64_t bit) {
+  const int64_t k = bit >> 3;
+  const int shift = int(bit & 7);
+  const uint32_t next = shift && k + 1 < bytes ? mask[k + 1] : 0u;
+  return ((uint32_t(mask[k]) | next << 8) >> shift) & 0xFFu;
+}
+
+// The (rows, cols) bit matrix at bit `first` of a mask of `bytes` bytes, rows a multiple of 8, in
+// (cols, rows) order: 8 x 8 blocks transposed, the last cols % 8 columns bit by bit.
+void transpose_mask(const uint8_t* mask, int64_t bytes, int64_t first, int64_t rows,
+                    int64_t cols, uint8_t* out) {
+  const int64_t full = cols / 8 * 8;
   for (int64_t r = 0; r < rows; r += 8) {
-    for (int64_t c = 0; c < cols; c += 8) {
+    for (int64_t c = 0; c < full; c += 8) {
       uint64_t block = 0;  // byte i: row r + i, columns c..c + 7
-      for (int i = 0; i < 8; ++i) block |= uint64_t(mask[((r + i) * cols + c) / 8]) << (8 * i);
+      for (int i = 0; i < 8; ++i)
+        block |= uint64_t(byte_at_bit(mask, bytes, first + (r + i) * cols + c)) << (8 * i);
       block = transpose_bits(block);  // byte j: column c + j, rows r..r + 7
       for (int j = 0; j < 8; ++j) out[((c + j) * rows + r) / 8] = uint8_t(block >> (8 * j));
+    }
+    for (int64_t c = full; c < cols; ++c) {
+      uint32_t byte = 0;
+      for (int i = 0; i < 8; ++i) byte |= unpack_value(mask, first + (r + i) * cols + c, 1) << i;
+      out[(c * rows + r) / 8] = uint8_t(byte);
     }
   }
 }
 
-// Each sample's mask is put in the values' order: bit blocks transposed when rows and columns
-// are multiples of 8 (the common case), else a byte per value transposed. Then applied in order.
+// Each sample's mask is put in the values' order: bit blocks transposed when rows are a multiple
+// of 8 (channels, the common case), else a byte per value transposed. Then applied in order.
 at::Tensor apply_mask_transposed_cpu(const at::Tensor& values, const at::Tensor& mask,
                                      double scale) {
   check_apply_mask_args(values, mask);
@@ -509,14 +529,14 @@ at::Tensor apply_mask_transposed_cpu(const at::Tensor& values, const at::Tensor&
   ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_apply_mask_transposed", [&] {
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const bool blocks = rows % 8 == 0 && cols % 8 == 0;
+    const bool blocks = rows % 8 == 0;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> keep(blocks ? sample_size / 8 : sample_size);
       std::vector<uint8_t> kept(keep.size());
       for (int64_t sample = begin; sample < end; ++sample) {
         const int64_t first = sample * sample_size;
         if (blocks) {
-          transpose_mask(bits + first / 8, rows, cols, kept.data());
+          transpose_mask(bits, mask.numel(), first, rows, cols, kept.data());
           apply_mask_range(in + first, kept.data(), s, 0, sample_size / 8, o + first);
         } else {
           unpack_mask(bits, first, sample_size, keep.data());

@@ -165,7 +165,8 @@ at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits) {
   check_pack_args(values, bits);
   c10::cuda::CUDAGuard guard(values.device());
   const int64_t count = values.numel(), per_byte = 8 / bits;
-  at::Tensor packed = at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
+  at::Tensor packed =
+      at::empty({(count + per_byte - 1) / per_byte}, values.options().dtype(at::kByte));
   if (packed.numel() == 0) return packed;
   pack_bits_kernel<<<blocks_for(packed.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint8_t*>(values.const_data_ptr()), count, int(bits), packed.numel(),

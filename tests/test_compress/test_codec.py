@@ -424,7 +424,8 @@ def test_apply_mask_cuda_matches_cpu(dtype):
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('shape', [(0, 4, 4), (1, 1, 1), (2, 7, 3), (3, 40, 33), (2, 64, 64)])
+@pytest.mark.parametrize('shape', [(0, 4, 4), (1, 1, 1), (2, 7, 3), (3, 40, 33), (2, 64, 64),
+                                   (2, 49, 16), (3, 9, 8)])
 def test_apply_mask_transposed_matches_reference_and_torch(shape, dtype):
     n, cols, rows = shape
     values, keep, mask = _mask_case(n * cols * rows, dtype)
