@@ -114,6 +114,22 @@ def test_unbiased_error_shrinks_like_inverse_sqrt(bits, dtype):
     assert err_1024 < single / 20
 
 
+@pytest.mark.parametrize('seed', [0, 1, -7, 2**40 + 3])
+def test_rounding_noise_is_uniform_and_uncorrelated(seed):
+    # u for 2^20 consecutive elements, across the 2^32 boundary where the index's high half (the
+    # salt) changes; the kernels draw the same u bit for bit
+    index = torch.arange(2**20, dtype=torch.int64) + (2**32 - 2**19)
+    u = reference.uniform(reference.rng_key(seed), index).double()
+    sigma = 2.0**-10  # of a mean of 2^20 products of independent standardized values
+    assert abs(float(u.mean()) - 0.5) < 5 * sigma * 12**-0.5
+    assert abs(float(u.var()) * 12 - 1) < 0.01
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert float(((counts - 2**16) ** 2 / 2**16).sum()) < 50  # chi-square, 15 dof: p < 1e-5
+    z = (u - 0.5) * 12**0.5
+    for lag in (1, 2, 3, 4, 8, 16, 256):
+        assert abs(float((z[:-lag] * z[lag:]).mean())) < 5 * sigma, lag
+
+
 def test_constant_group_exact_when_bf16_representable():
     x = torch.full((3, 300), 0.375)  # exactly representable
     assert torch.equal(dequantize(quantize(x, 2)), x)
