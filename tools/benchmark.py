@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import gc
 import json
+import logging
 import os
 import signal
 import statistics
@@ -225,6 +226,7 @@ def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
     import actnn_mm
     from mmengine.config import Config
     from mmengine.hub import get_config
+    from mmengine.logging import MMLogger
     from mmengine.registry import MODELS, DefaultScope
 
     path = BENCH_MODELS[name].config
@@ -246,7 +248,13 @@ def _build(name: str, image_size: int, with_cp: bool) -> torch.nn.Module:
             if with_cp and 'with_cp' in str(e):
                 raise Unsupported(f'{model_cfg.backbone.type} takes no with_cp') from e
             raise
-    model.init_weights()
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # not the report of every parameter's initialization
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
     return actnn_mm.revert(model)
 
 
