@@ -26,6 +26,21 @@ def test_budget_holds(k, budget):
     assert _average(bits, cost) <= budget + 1e-9
 
 
+@pytest.mark.parametrize('k', [1, 3, 64, 65, 300])
+def test_plain_python_path_matches_the_vectorised_one(k, monkeypatch):
+    import actnn_mm.allocate as alloc
+    monkeypatch.setattr(alloc, '_FEW_ITEMS', 0)  # allocate() takes the torch path
+    g = torch.Generator().manual_seed(k)
+    for trial in range(4):
+        sensitivity = torch.rand(k, generator=g) ** 4
+        sensitivity[::3] = 0  # ties
+        cost = (torch.randint(1, 1000, (k,), generator=g).double() if trial % 2
+                else torch.full((k,), 500.0))
+        for budget in (1.0, 1.7, 2.0, 3.3, 8.0):
+            few = alloc._allocate_few(sensitivity.tolist(), cost.tolist(), budget)
+            assert torch.equal(few, allocate(sensitivity, cost, budget)), (trial, budget)
+
+
 def test_full_budget_gives_every_item_eight_bits():
     assert allocate(torch.rand(10), torch.ones(10), 8.0).tolist() == [8] * 10
 
