@@ -66,6 +66,11 @@ inline void check_apply_mask_args(const at::Tensor& values, const at::Tensor& ma
               "least ", (values.numel() + 7) / 8, " bytes on the same device");
 }
 
+inline void check_apply_mask_transposed_args(const at::Tensor& values, const at::Tensor& mask) {
+  check_apply_mask_args(values, mask);
+  TORCH_CHECK(values.dim() == 3, "actnn_mm: apply_mask_transposed expects (N, cols, rows) values");
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
 }
@@ -90,6 +95,14 @@ inline void check_dequantize_args(const at::Tensor& data, const at::Tensor& meta
   TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) &&
                   meta.scalar_type() == at::kBFloat16 && meta.is_contiguous(),
               "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (", groups, ", 2)");
+}
+
+inline void check_dequantize_transposed_args(const at::Tensor& data, const at::Tensor& meta,
+                                             const at::Tensor& bits, const at::Tensor& offsets,
+                                             int64_t n, int64_t rows, int64_t cols,
+                                             int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "actnn_mm: negative sizes");
+  check_dequantize_args(data, meta, bits, offsets, n, rows * cols, group_size, dtype);
 }
 
 }  // namespace actnn

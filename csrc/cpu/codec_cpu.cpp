@@ -339,9 +339,8 @@ at::Tensor dequantize_transposed_cpu(const at::Tensor& data, const at::Tensor& m
                                      const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
                                      int64_t rows, int64_t cols, int64_t group_size,
                                      at::ScalarType dtype) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "actnn_mm: negative sizes");
+  check_dequantize_transposed_args(data, meta, bits, offsets, n, rows, cols, group_size, dtype);
   const int64_t sample_size = rows * cols;
-  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
   const Stream stream(data, meta, bits, offsets, n, sample_size, group_size);
   at::Tensor out = at::empty({n, cols, rows}, data.options().dtype(dtype));
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_transposed", [&] {
@@ -431,18 +430,6 @@ at::Tensor pack_positive_cpu(const at::Tensor& values) {
   return packed;
 }
 
-// out[j] = masked_value(in[j], keep[j], scale) for j < count, keep[j] 0 or 1.
-template <typename scalar_t>
-void apply_kept(const scalar_t* in, const uint8_t* keep, float scale, int64_t count,
-                scalar_t* out) {
-  for (int64_t j = 0; j < count; ++j) out[j] = scalar_t(masked_value(float(in[j]), keep[j], scale));
-}
-
-ACTNN_CPU_CLONES
-void apply_kept(const float* in, const uint8_t* keep, float scale, int64_t count, float* out) {
-  for (int64_t j = 0; j < count; ++j) out[j] = masked_value(in[j], keep[j], scale);
-}
-
 // Values [8 * begin, 8 * end) of apply_mask, the mask bytes [begin, end) all full.
 template <typename scalar_t>
 void apply_mask_bytes(const scalar_t* in, const uint8_t* mask, float scale, int64_t begin,
@@ -463,16 +450,6 @@ template <typename scalar_t>
 void apply_mask_range(const scalar_t* in, const uint8_t* mask, float scale, int64_t begin,
                       int64_t end, scalar_t* out) {
   apply_mask_bytes(in, mask, scale, begin, end, out);
-}
-
-// Mask bits [first, first + count) as bytes of 0 or 1.
-void unpack_mask(const uint8_t* mask, int64_t first, int64_t count, uint8_t* keep) {
-  int64_t j = 0;
-  for (; j < count && (first + j) % 8; ++j) keep[j] = uint8_t(unpack_value(mask, first + j, 1));
-  const uint8_t* bytes = mask + (first + j) / 8;
-  for (; j + 8 <= count; j += 8, ++bytes)
-    for (int i = 0; i < 8; ++i) keep[j + i] = (*bytes >> i) & 1u;
-  for (; j < count; ++j) keep[j] = uint8_t(unpack_value(mask, first + j, 1));
 }
 
 // The 8 x 8 bit matrix with element (i, j) at bit 8 i + j, transposed (three rounds of swapping
@@ -515,12 +492,11 @@ void transpose_mask(const uint8_t* mask, int64_t bytes, int64_t first, int64_t r
   }
 }
 
-// Each sample's mask is put in the values' order: bit blocks transposed when rows are a multiple
-// of 8 (channels, the common case), else a byte per value transposed. Then applied in order.
+// Each sample's mask is put in the values' order by transposing 8 x 8 bit blocks, then applied in
+// order; when rows (channels) are not a multiple of 8, a rare case, each value reads its bit.
 at::Tensor apply_mask_transposed_cpu(const at::Tensor& values, const at::Tensor& mask,
                                      double scale) {
-  check_apply_mask_args(values, mask);
-  TORCH_CHECK(values.dim() == 3, "actnn_mm: apply_mask_transposed expects (N, cols, rows) values");
+  check_apply_mask_transposed_args(values, mask);
   at::Tensor out = at::empty_like(values);
   const int64_t n = values.size(0), cols = values.size(1), rows = values.size(2);
   const int64_t sample_size = rows * cols;
@@ -529,20 +505,20 @@ at::Tensor apply_mask_transposed_cpu(const at::Tensor& values, const at::Tensor&
   ACTNN_DISPATCH_FLOAT(values.scalar_type(), "actnn_apply_mask_transposed", [&] {
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const bool blocks = rows % 8 == 0;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> keep(blocks ? sample_size / 8 : sample_size);
-      std::vector<uint8_t> kept(keep.size());
+      std::vector<uint8_t> kept(rows % 8 ? 0 : sample_size / 8);
       for (int64_t sample = begin; sample < end; ++sample) {
         const int64_t first = sample * sample_size;
-        if (blocks) {
+        if (rows % 8 == 0) {
           transpose_mask(bits, mask.numel(), first, rows, cols, kept.data());
           apply_mask_range(in + first, kept.data(), s, 0, sample_size / 8, o + first);
-        } else {
-          unpack_mask(bits, first, sample_size, keep.data());
-          transpose(keep.data(), rows, cols, kept.data());
-          apply_kept(in + first, kept.data(), s, sample_size, o + first);
+          continue;
         }
+        visit_tiled(rows, cols, [&](int64_t r, int64_t c) {
+          const int64_t k = first + c * rows + r;
+          o[k] = scalar_t(masked_value(float(in[k]), unpack_value(bits, first + r * cols + c, 1),
+                                       s));
+        });
       }
     });
   });

@@ -127,8 +127,7 @@ at::Tensor dequantize_transposed_cuda(const at::Tensor& data, const at::Tensor& 
                                       const at::Tensor& bits, const at::Tensor& offsets,
                                       int64_t n, int64_t rows, int64_t cols, int64_t group_size,
                                       at::ScalarType dtype) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "actnn_mm: negative sizes");
-  check_dequantize_args(data, meta, bits, offsets, n, rows * cols, group_size, dtype);
+  check_dequantize_transposed_args(data, meta, bits, offsets, n, rows, cols, group_size, dtype);
   const int64_t groups_per_sample = num_groups(rows * cols, group_size);
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty({n, cols, rows}, data.options().dtype(dtype));
@@ -247,8 +246,7 @@ at::Tensor apply_mask_cuda(const at::Tensor& values, const at::Tensor& mask, dou
 
 at::Tensor apply_mask_transposed_cuda(const at::Tensor& values, const at::Tensor& mask,
                                       double scale) {
-  check_apply_mask_args(values, mask);
-  TORCH_CHECK(values.dim() == 3, "actnn_mm: apply_mask_transposed expects (N, cols, rows) values");
+  check_apply_mask_transposed_args(values, mask);
   return launch_apply_mask(values, mask, scale, values.size(2), values.size(1));
 }
 
