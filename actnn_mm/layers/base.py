@@ -38,3 +38,13 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Te
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t
                  for t in tensors)
+
+
+def channels_last_layout(t: torch.Tensor) -> Optional[torch.memory_format]:
+    """``torch.channels_last`` when 4-D ``t`` is in that layout and not contiguous (e.g. the
+    input gradient of an activation-heavy CPU convolution), else None: a backward pass given
+    such a gradient works in its layout, as a mix of layouts makes torch's kernels copy."""
+    if t.dim() == 4 and not t.is_contiguous() \
+            and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None

@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import QLayer, grad_needed
+from .base import QLayer, channels_last_layout, grad_needed
 from .conv import made_by_conv
 from .saved import compresses, save_activation, saved_activation
 
@@ -202,10 +202,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        # a channels_last gradient (from a CPU convolution's backward) meets xh in its layout
-        layout = (torch.channels_last if grad.dim() == 4 and not grad.is_contiguous()
-                  and grad.is_contiguous(memory_format=torch.channels_last) else None)
-        kept, weight, first, second = saved_activation(ctx, grad, layout)
+        kept, weight, first, second = saved_activation(ctx, grad, channels_last_layout(grad))
         needs = list(ctx.needs_input_grad[:3])
         if ctx.training and kept is None:  # only the bias needs a gradient
             grads = _eval_backward(grad, None, weight, second, needs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import QLayer, grad_needed
+from .base import QLayer, channels_last_layout, grad_needed
 from .saved import load, save_packed, stash
 
 
@@ -78,8 +78,14 @@ class _MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> Tuple[Optional[torch.Tensor], ...]:
         offsets, ctx.offsets = load(ctx.offsets), None
+        layout = channels_last_layout(grad)
+        if layout is None:  # the input's layout
+            like_input = grad.new_empty_strided(ctx.input_shape, ctx.input_stride)
+        else:  # the gradient's: the indices (1 byte each until _indices) and grad_x too
+            offsets = offsets.contiguous(memory_format=layout)
+            like_input = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device,
+                                     memory_format=layout)
         indices = _indices(offsets, ctx.input_shape[-1], *ctx.args[:4])
-        like_input = grad.new_empty_strided(ctx.input_shape, ctx.input_stride)  # shape, layout
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, like_input, *ctx.args,
                                                                  indices)
         return (grad_x,) + (None,) * 6

@@ -192,6 +192,12 @@ def test_values_beyond_bf16_range_raise():
         quantize(x, 2)
 
 
+def test_large_finite_values_pass():
+    x = torch.tensor([[-1e38, 1e38, -1.5e38]])  # range 2.5e38: finite meta near the limit
+    c = quantize(x, 2)
+    assert torch.isfinite(dequantize(c)).all()
+
+
 @pytest.mark.parametrize('dtype', [torch.float64, torch.int32, torch.uint8, torch.bool])
 def test_wrong_dtype_raises(dtype):
     with pytest.raises(TypeError, match='float32, float16 or bfloat16'):
@@ -466,9 +472,11 @@ def test_apply_mask_transposed_checks_and_opcheck():
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('bits', [2, MIXED])
 @pytest.mark.parametrize('shape', [(37, 5, 6, 7), (3, 64, 8, 12), (2, 40, 9, 9), (1, 1, 3, 3),
-                                   (4, 3, 1, 1), (0, 3, 4, 4)])
+                                   (4, 3, 1, 1), (0, 3, 4, 4), (2, 40, 128, 100),
+                                   (1, 24, 301, 300)])
 def test_dequantize_into_channels_last_is_bit_identical(dtype, bits, shape):
-    # channels and pixels below, at and across the CPU kernel's 32 x 32 tiles and 8 x 8 blocks
+    # channels and pixels below, at and across the CPU kernel's 32 x 32 tiles and 8 x 8 blocks,
+    # and (the last two) samples dequantized in several blocks of 16 channels and a partial one
     x = (torch.randn(shape) * 3).to(dtype)
     c = quantize(x, _bits_for(x, bits), group_size=64)
     y = dequantize(c, torch.channels_last)

@@ -63,3 +63,21 @@ def test_return_indices_unsupported():
         q(torch.randn(1, 1, 4, 4, requires_grad=True))
     out, indices = q(torch.randn(1, 1, 4, 4))  # nothing to save: torch's op
     assert indices.dtype == torch.int64
+
+
+@pytest.mark.parametrize('options', [dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=(3, 2), stride=(2, 1), dilation=2,
+                                          ceil_mode=True)])
+def test_channels_last_gradient_of_an_nchw_input(options):
+    # as a CPU convolution's backward hands it: the backward works in the gradient's layout
+    x = make_input((2, 5, 13, 12)).requires_grad_()
+    layouts = []
+    y = x * 1  # not a leaf, whose .grad autograd would lay out as the leaf
+    y.register_hook(lambda g: layouts.append(g.is_contiguous(memory_format=torch.channels_last)))
+    with settings('L3'):
+        out = actnn_mm.QMaxPool2d(**options)(y)
+    grad = torch.randn(out.shape).contiguous(memory_format=torch.channels_last)
+    out.backward(grad)
+    ref = x.detach().requires_grad_()
+    nn.MaxPool2d(**options)(ref).backward(grad)
+    assert torch.equal(x.grad, ref.grad) and layouts == [True]
