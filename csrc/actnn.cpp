@@ -33,6 +33,13 @@ TORCH_LIBRARY(actnn_mm, m) {
   // apply_mask of (N, cols, rows) values whose mask is in (N, rows, cols) order, e.g. a
   // channels_last gradient and the mask of an NCHW activation.
   m.def("apply_mask_transposed(Tensor values, Tensor mask, float scale) -> Tensor");
+  // Training-mode BatchNorm backward from the normalized input xh, in two passes over the
+  // gradient and xh as contiguous (rows, channels) tensors of one shape and float dtype (e.g. a
+  // channels_last (N, C, H, W) pair as (N * H * W, C)). batch_norm_sums: float32 (3, channels)
+  // per-channel sums of grad, grad * xh and xh * xh. batch_norm_combine: xh = coef[0] * xh +
+  // coef[1] * grad + coef[2] per channel (coef: float32 (3, channels)), in place.
+  m.def("batch_norm_sums(Tensor grad, Tensor xh) -> Tensor");
+  m.def("batch_norm_combine(Tensor(a!) xh, Tensor grad, Tensor coef) -> ()");
 }
 
 // Importing actnn_mm._C runs the registrations above; the module itself is empty but says

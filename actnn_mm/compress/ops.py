@@ -79,6 +79,14 @@ if _C is not None:
     def _apply_mask_transposed_fake(values, mask, scale):
         return torch.empty_like(values)
 
+    @torch.library.register_fake('actnn_mm::batch_norm_sums')
+    def _batch_norm_sums_fake(grad, xh):
+        return xh.new_empty((3, xh.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake('actnn_mm::batch_norm_combine')
+    def _batch_norm_combine_fake(xh, grad, coef):
+        return None
+
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
              seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -153,3 +161,22 @@ def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor, scale: float
         return torch.ops.actnn_mm.apply_mask_transposed(values, mask, scale)
     _warn_fallback(values.device)
     return reference.apply_mask_transposed(values, mask, scale)
+
+
+def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    """float32 (3, channels) sums of ``grad``, ``grad * xh`` and ``xh * xh`` per channel of
+    contiguous (rows, channels) tensors."""
+    if _extension_serves(xh.device):
+        return torch.ops.actnn_mm.batch_norm_sums(grad, xh)
+    _warn_fallback(xh.device)
+    return reference.batch_norm_sums(grad, xh)
+
+
+def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
+    """``xh = coef[0] * xh + coef[1] * grad + coef[2]`` per channel of contiguous (rows,
+    channels) tensors, in place."""
+    if _extension_serves(xh.device):
+        torch.ops.actnn_mm.batch_norm_combine(xh, grad, coef)
+        return
+    _warn_fallback(xh.device)
+    reference.batch_norm_combine(xh, grad, coef)

@@ -176,6 +176,16 @@ def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor,
     return apply_mask(values, pack_bits(keep.contiguous(), 1), scale)
 
 
+def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    g, x = grad.double(), xh.double()
+    return torch.stack([g.sum(0), (g * x).sum(0), (x * x).sum(0)]).float()
+
+
+def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
+    a, b, c = coef  # float32 operations in the kernels' order
+    xh.copy_(a * xh.float() + b * grad.float() + c)
+
+
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
                num_samples: int, sample_size: int, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..compress import ops
 from .base import QLayer, channels_last_layout, grad_needed
 from .conv import made_by_conv
 from .saved import compresses, save_activation, saved_activation
@@ -94,6 +95,17 @@ def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.
     return xh
 
 
+def _channel_rows(grad: torch.Tensor, xh: torch.Tensor
+                  ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``grad`` and ``xh`` as contiguous (rows, channels) views when the channels are innermost
+    in both (2-D, or channels_last: what the fused batch-norm ops take), else None."""
+    if xh.dim() == 2 and xh.is_contiguous() and grad.is_contiguous():
+        return grad, xh
+    if channels_last_layout(xh) is None or channels_last_layout(grad) is None:
+        return None
+    return tuple(t.permute(0, 2, 3, 1).reshape(-1, xh.shape[1]) for t in (grad, xh))
+
+
 def _sum_squares(xh: torch.Tensor) -> torch.Tensor:
     """Per-channel sum of ``xh ** 2`` in float32 (float64 for float64 ``xh``): the weight
     gradient of a batch norm of mean 0 and inverse std 1 whose input and output gradient are
@@ -140,17 +152,26 @@ def _training_backward(grad: torch.Tensor, xh: torch.Tensor, weight: Optional[to
     tensor next to ``grad`` and ``xh``)."""
     scale = invstd if weight is None else invstd * weight
     if xh.dtype == torch.float32 and needs[0]:
-        ones = torch.ones_like(invstd)
-        _, sum_dy_xh, sum_dy = torch.ops.aten.native_batch_norm_backward(  # per-channel sums
-            grad, xh, ones, None, None, torch.zeros_like(invstd), ones, True, eps,
-            [False, True, True])
+        rows = _channel_rows(grad, xh)
+        if rows is not None:  # one pass for the sums, one for grad_x (2x faster than torch's)
+            sum_dy, sum_dy_xh, sum_xh2 = ops.batch_norm_sums(*rows)
+        else:
+            ones = torch.ones_like(invstd)
+            _, sum_dy_xh, sum_dy = torch.ops.aten.native_batch_norm_backward(  # channel sums
+                grad, xh, ones, None, None, torch.zeros_like(invstd), ones, True, eps,
+                [False, True, True])
+            sum_xh2 = _sum_squares(xh)
         count = xh.numel() // xh.shape[1]
-        bias = _rounding_bias(_sum_squares(xh) / count, weight, invstd, count, eps)
-        ndim = xh.dim()
+        bias = _rounding_bias(sum_xh2 / count, weight, invstd, count, eps)
         # scale * (g - mean(g) - xh * mean(g xh)) + bias * g, written over xh
-        grad_x = xh.mul_(_channel_view(-scale * sum_dy_xh / count, ndim))
-        grad_x.addcmul_(grad, _channel_view(scale + bias, ndim))
-        grad_x.sub_(_channel_view(scale * sum_dy / count, ndim))
+        coef = [-scale * sum_dy_xh / count, scale + bias, -scale * sum_dy / count]
+        if rows is not None:
+            ops.batch_norm_combine(rows[1], rows[0], torch.stack(coef))
+            grad_x = xh
+        else:
+            grad_x = xh.mul_(_channel_view(coef[0], xh.dim()))
+            grad_x.addcmul_(grad, _channel_view(coef[1], xh.dim()))
+            grad_x.add_(_channel_view(coef[2], xh.dim()))
         dtype = invstd.dtype if weight is None else weight.dtype
         return (grad_x, sum_dy_xh.to(dtype) if needs[1] else None,
                 sum_dy.to(dtype) if needs[2] else None)

@@ -71,6 +71,23 @@ inline void check_apply_mask_transposed_args(const at::Tensor& values, const at:
   TORCH_CHECK(values.dim() == 3, "actnn_mm: apply_mask_transposed expects (N, cols, rows) values");
 }
 
+inline void check_batch_norm_args(const at::Tensor& grad, const at::Tensor& xh) {
+  check_float_dtype(xh.scalar_type());
+  TORCH_CHECK(xh.dim() == 2 && grad.sizes() == xh.sizes() &&
+                  grad.scalar_type() == xh.scalar_type() && grad.device() == xh.device() &&
+                  grad.is_contiguous() && xh.is_contiguous(),
+              "actnn_mm: batch_norm ops expect a gradient and xh of one (rows, channels) shape, "
+              "dtype and device, contiguous");
+}
+
+inline void check_batch_norm_coef(const at::Tensor& coef, const at::Tensor& xh) {
+  TORCH_CHECK(coef.sizes() == at::IntArrayRef({3, xh.size(1)}) &&
+                  coef.scalar_type() == at::kFloat && coef.is_contiguous() &&
+                  coef.device() == xh.device(),
+              "actnn_mm: batch_norm_combine expects a contiguous float32 coef of shape (3, ",
+              xh.size(1), ") on the device of xh");
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
 }

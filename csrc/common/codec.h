@@ -173,6 +173,11 @@ ACTNN_HD uint32_t unpack_value(const uint8_t* sample_data, int64_t j, int bits) 
   return (uint32_t(sample_data[bit >> 3]) >> (bit & 7)) & ((1u << bits) - 1u);
 }
 
+// Value of batch_norm_combine: a * x + b * g + c, each operation rounded in that order.
+ACTNN_HD float combine_value(float a, float b, float c, float x, float g) {
+  return a * x + b * g + c;
+}
+
 // Bit of pack_positive: whether the value is > 0 (a NaN is not).
 ACTNN_HD uint32_t positive_bit(float value) { return value > 0.f ? 1u : 0u; }
 

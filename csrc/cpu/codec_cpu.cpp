@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -565,6 +566,101 @@ at::Tensor apply_mask_cpu(const at::Tensor& values, const at::Tensor& mask, doub
   return out;
 }
 
+// The BatchNorm loops below are templates inlined into float32 wrappers compiled as clones
+// (vectorized across channels for AVX-512 / AVX2), the other dtypes calling them directly.
+
+// Adds to sums[0..2][c] the sums of g, g * x and x * x over rows [begin, end) of `channels`.
+template <typename scalar_t>
+inline void add_row_sums_impl(const scalar_t* g, const scalar_t* x, int64_t begin, int64_t end,
+                              int64_t channels, double* sums) {
+  double* s0 = sums;
+  double* s1 = sums + channels;
+  double* s2 = sums + 2 * channels;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* gr = g + r * channels;
+    const scalar_t* xr = x + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float gv = float(gr[c]), xv = float(xr[c]);
+      s0[c] += gv;
+      s1[c] += gv * xv;
+      s2[c] += xv * xv;
+    }
+  }
+}
+
+// x = coef[0] * x + coef[1] * g + coef[2] over rows [begin, end) of `channels`.
+template <typename scalar_t>
+inline void combine_rows_impl(scalar_t* x, const scalar_t* g, int64_t begin, int64_t end,
+                              int64_t channels, const float* coef) {
+  const float* a = coef;
+  const float* b = coef + channels;
+  const float* c = coef + 2 * channels;
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* xr = x + r * channels;
+    const scalar_t* gr = g + r * channels;
+    for (int64_t k = 0; k < channels; ++k)
+      xr[k] = scalar_t(combine_value(a[k], b[k], c[k], float(xr[k]), float(gr[k])));
+  }
+}
+
+template <typename scalar_t>
+void add_row_sums(const scalar_t* g, const scalar_t* x, int64_t begin, int64_t end,
+                  int64_t channels, double* sums) {
+  add_row_sums_impl(g, x, begin, end, channels, sums);
+}
+ACTNN_CPU_CLONES
+void add_row_sums(const float* g, const float* x, int64_t begin, int64_t end, int64_t channels,
+                  double* sums) {
+  add_row_sums_impl(g, x, begin, end, channels, sums);
+}
+template <typename scalar_t>
+void combine_rows(scalar_t* x, const scalar_t* g, int64_t begin, int64_t end, int64_t channels,
+                  const float* coef) {
+  combine_rows_impl(x, g, begin, end, channels, coef);
+}
+ACTNN_CPU_CLONES
+void combine_rows(float* x, const float* g, int64_t begin, int64_t end, int64_t channels,
+                  const float* coef) {
+  combine_rows_impl(x, g, begin, end, channels, coef);
+}
+
+// Per thread, sums over its rows, added up in double under a lock.
+at::Tensor batch_norm_sums_cpu(const at::Tensor& grad, const at::Tensor& xh) {
+  check_batch_norm_args(grad, xh);
+  const int64_t rows = xh.size(0), channels = xh.size(1);
+  std::vector<double> total(3 * channels, 0.0);
+  ACTNN_DISPATCH_FLOAT(xh.scalar_type(), "actnn_batch_norm_sums", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* x = xh.const_data_ptr<scalar_t>();
+    std::mutex lock;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, channels)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<double> sums(3 * channels, 0.0);
+      add_row_sums(g, x, begin, end, channels, sums.data());
+      const std::lock_guard<std::mutex> guard(lock);
+      for (int64_t k = 0; k < 3 * channels; ++k) total[k] += sums[k];
+    });
+  });
+  at::Tensor sums = at::empty({3, channels}, xh.options().dtype(at::kFloat));
+  float* out = sums.data_ptr<float>();
+  for (int64_t k = 0; k < 3 * channels; ++k) out[k] = float(total[k]);
+  return sums;
+}
+
+void batch_norm_combine_cpu(at::Tensor& xh, const at::Tensor& grad, const at::Tensor& coef) {
+  check_batch_norm_args(grad, xh);
+  check_batch_norm_coef(coef, xh);
+  const int64_t rows = xh.size(0), channels = xh.size(1);
+  ACTNN_DISPATCH_FLOAT(xh.scalar_type(), "actnn_batch_norm_combine", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* x = xh.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, channels)),
+                     [&](int64_t begin, int64_t end) {
+      combine_rows(x, g, begin, end, channels, coef.const_data_ptr<float>());
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
@@ -576,6 +672,8 @@ TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
   m.impl("pack_positive", &pack_positive_cpu);
   m.impl("apply_mask", &apply_mask_cpu);
   m.impl("apply_mask_transposed", &apply_mask_transposed_cpu);
+  m.impl("batch_norm_sums", &batch_norm_sums_cpu);
+  m.impl("batch_norm_combine", &batch_norm_combine_cpu);
 }
 
 }  // namespace actnn

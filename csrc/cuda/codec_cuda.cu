@@ -252,6 +252,71 @@ at::Tensor apply_mask_transposed_cuda(const at::Tensor& values, const at::Tensor
 
 }  // namespace
 
+// Thread t sums channel t % channels over its chunk of rows (neighbouring threads read
+// neighbouring channels: coalesced), then adds into the float32 totals.
+constexpr int64_t kRowsPerThread = 256;
+
+template <typename scalar_t>
+__global__ void batch_norm_sums_kernel(const scalar_t* g, const scalar_t* x, int64_t rows,
+                                       int64_t channels, float* sums) {
+  const int64_t chunks = (rows + kRowsPerThread - 1) / kRowsPerThread;
+  ACTNN_GRID_STRIDE_LOOP(t, chunks * channels) {
+    const int64_t c = t % channels, first = t / channels * kRowsPerThread;
+    const int64_t last = min(rows, first + kRowsPerThread);
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f;
+    for (int64_t r = first; r < last; ++r) {
+      const float gv = float(g[r * channels + c]), xv = float(x[r * channels + c]);
+      s0 += gv;
+      s1 += gv * xv;
+      s2 += xv * xv;
+    }
+    atomicAdd(sums + c, s0);
+    atomicAdd(sums + channels + c, s1);
+    atomicAdd(sums + 2 * channels + c, s2);
+  }
+}
+
+at::Tensor batch_norm_sums_cuda(const at::Tensor& grad, const at::Tensor& xh) {
+  check_batch_norm_args(grad, xh);
+  c10::cuda::CUDAGuard guard(xh.device());
+  const int64_t rows = xh.size(0), channels = xh.size(1);
+  at::Tensor sums = at::zeros({3, channels}, xh.options().dtype(at::kFloat));
+  const int64_t threads = (rows + kRowsPerThread - 1) / kRowsPerThread * channels;
+  if (threads == 0) return sums;
+  ACTNN_DISPATCH_FLOAT(xh.scalar_type(), "actnn_batch_norm_sums_cuda", [&] {
+    batch_norm_sums_kernel<scalar_t><<<blocks_for(threads), kThreads, 0,
+                                       c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), xh.const_data_ptr<scalar_t>(), rows, channels,
+        sums.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return sums;
+}
+
+template <typename scalar_t>
+__global__ void batch_norm_combine_kernel(scalar_t* x, const scalar_t* g, const float* coef,
+                                          int64_t numel, int64_t channels) {
+  ACTNN_GRID_STRIDE_LOOP(t, numel) {
+    const int64_t k = t % channels;
+    x[t] = scalar_t(combine_value(coef[k], coef[channels + k], coef[2 * channels + k],
+                                  float(x[t]), float(g[t])));
+  }
+}
+
+void batch_norm_combine_cuda(at::Tensor& xh, const at::Tensor& grad, const at::Tensor& coef) {
+  check_batch_norm_args(grad, xh);
+  check_batch_norm_coef(coef, xh);
+  c10::cuda::CUDAGuard guard(xh.device());
+  if (xh.numel() == 0) return;
+  ACTNN_DISPATCH_FLOAT(xh.scalar_type(), "actnn_batch_norm_combine_cuda", [&] {
+    batch_norm_combine_kernel<scalar_t><<<blocks_for(xh.numel()), kThreads, 0,
+                                          c10::cuda::getCurrentCUDAStream()>>>(
+        xh.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), coef.const_data_ptr<float>(),
+        xh.numel(), xh.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
@@ -261,6 +326,8 @@ TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("pack_positive", &pack_positive_cuda);
   m.impl("apply_mask", &apply_mask_cuda);
   m.impl("apply_mask_transposed", &apply_mask_transposed_cuda);
+  m.impl("batch_norm_sums", &batch_norm_sums_cuda);
+  m.impl("batch_norm_combine", &batch_norm_combine_cuda);
 }
 
 }  // namespace actnn

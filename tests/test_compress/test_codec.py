@@ -496,3 +496,66 @@ def test_dequantize_transposed_matches_reference(dtype):
     with pytest.raises(RuntimeError, match='meta must be .* shape'):  # 70 x 34 values per sample
         torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, 5, 70, 34,
                                                  48, dtype)
+
+
+def _batch_norm_case(dtype, rows=300, channels=24):
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(rows, channels, generator=gen).to(dtype)
+    xh = torch.randn(rows, channels, generator=gen).to(dtype)
+    coef = torch.randn(3, channels, generator=gen)
+    return grad, xh, coef
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('rows,channels', [(300, 24), (5000, 3), (1, 1), (0, 4), (7, 515)])
+def test_batch_norm_ops_match_reference(dtype, rows, channels):
+    grad, xh, coef = _batch_norm_case(dtype, rows, channels)
+    sums = torch.ops.actnn_mm.batch_norm_sums(grad, xh)
+    assert sums.shape == (3, channels) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums, reference.batch_norm_sums(grad, xh), rtol=1e-5, atol=1e-4)
+    got, want = xh.clone(), xh.clone()
+    torch.ops.actnn_mm.batch_norm_combine(got, grad, coef)
+    reference.batch_norm_combine(want, grad, coef)
+    assert torch.equal(got, want)  # the same float32 operations in the same order
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_batch_norm_ops_check_and_opcheck():
+    grad, xh, coef = _batch_norm_case(torch.float32)
+    with pytest.raises(RuntimeError, match=r'one \(rows, channels\) shape'):
+        torch.ops.actnn_mm.batch_norm_sums(grad, xh[:-1])
+    with pytest.raises(RuntimeError, match=r'one \(rows, channels\) shape'):
+        torch.ops.actnn_mm.batch_norm_sums(grad.t(), xh.t())  # not contiguous
+    with pytest.raises(RuntimeError, match=r'one \(rows, channels\) shape'):
+        torch.ops.actnn_mm.batch_norm_combine(xh, grad.double().float().bfloat16(), coef)
+    with pytest.raises(RuntimeError, match=r'coef of shape \(3, 24\)'):
+        torch.ops.actnn_mm.batch_norm_combine(xh, grad, coef[:2])
+    with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
+        torch.ops.actnn_mm.batch_norm_sums(grad.double(), xh.double())
+    torch.library.opcheck(torch.ops.actnn_mm.batch_norm_sums, (grad, xh))
+    torch.library.opcheck(torch.ops.actnn_mm.batch_norm_combine, (xh.clone(), grad, coef))
+
+
+def test_batch_norm_ops_with_the_reference(monkeypatch):
+    grad, xh, coef = _batch_norm_case(torch.float32)
+    expected = reference.batch_norm_sums(grad, xh)
+    monkeypatch.setattr(ops, '_C', None)
+    monkeypatch.setattr(ops, '_IMPORT_ERROR', ImportError('not built'), raising=False)
+    monkeypatch.setattr(ops, '_warned', True)
+    assert torch.equal(ops.batch_norm_sums(grad, xh), expected)
+    got = xh.clone()
+    ops.batch_norm_combine(got, grad, coef)
+    assert torch.equal(got, coef[0] * xh + coef[1] * grad + coef[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_batch_norm_ops_cuda_match_cpu(dtype):
+    grad, xh, coef = _batch_norm_case(dtype, 1000, 40)
+    torch.testing.assert_close(torch.ops.actnn_mm.batch_norm_sums(grad.cuda(), xh.cuda()).cpu(),
+                               torch.ops.actnn_mm.batch_norm_sums(grad, xh), rtol=1e-5, atol=1e-4)
+    gpu, cpu = xh.cuda(), xh.clone()
+    torch.ops.actnn_mm.batch_norm_combine(gpu, grad.cuda(), coef.cuda())
+    torch.ops.actnn_mm.batch_norm_combine(cpu, grad, coef)
+    assert torch.equal(gpu.cpu(), cpu)

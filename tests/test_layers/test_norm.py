@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import actnn_mm
+from actnn_mm.layers import norm
 from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
 SHAPES = {nn.BatchNorm1d: [(6, 4), (3, 4, 5)], nn.BatchNorm2d: [(3, 4, 5, 5)],
@@ -124,6 +125,23 @@ def test_bf16_input_channels_last(channels_last):
     if channels_last:
         assert exact['input0'].is_contiguous(memory_format=torch.channels_last)
 
+
+@pytest.mark.parametrize('shape', [(6, 4, 5, 7), (40, 4)])
+def test_gradient_with_channels_innermost(shape, monkeypatch):
+    # channels_last (from a CPU convolution's backward) or 2-D: the fused batch_norm ops
+    fused = []
+    sums = norm.ops.batch_norm_sums
+    monkeypatch.setattr(norm.ops, 'batch_norm_sums', lambda *a: fused.append(1) or sums(*a))
+    ref, q, x = make(nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d, shape)
+    layout = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=layout)
+    want = grads(ref, [x], weight)
+    with settings('L2', activation_compression_bits=[8]):
+        assert_close_grads(grads(q, [x], weight), want, rtol=2e-2)
+    with settings('L3'):
+        assert_unbiased(lambda: grads(q, [x], weight), want, k=128, keys=['input0', 'weight'])
+    assert len(fused) == 1 + 128
 
 
 def test_eval_with_trainable_affine_compresses_its_input(monkeypatch):
