@@ -219,8 +219,8 @@ def load(stored: Union[torch.Tensor, Stored],
     """The tensor :func:`save`, :func:`stash` or :func:`save_packed` was given (dequantized;
     a quantized activation in ``memory_format`` if given, see :func:`dequantize`)."""
     stored = _fetch(stored)
-    if isinstance(stored, CompressedTensor):
-        return dequantize(stored, memory_format)
+    if isinstance(stored, CompressedTensor):  # may become an input gradient (BatchNorm's)
+        return _unviewed(dequantize(stored, memory_format))
     if isinstance(stored, PackedInts):
         return unpack_ints(stored)
     return stored
@@ -254,7 +254,15 @@ def masked(stored: Stored, values: torch.Tensor, scale: float = 1.0) -> torch.Te
         rows = math.prod(view.shape[len(order) - split + 1:])
         out = apply_mask_transposed(view.reshape(view.shape[0], -1, rows), packed.data, scale)
         out = out.view(view.shape)
-    return out.permute(sorted(range(len(order)), key=lambda i: order[i]))
+    return _unviewed(out.permute(sorted(range(len(order)), key=lambda i: order[i])))
+
+
+def _unviewed(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a view of a kernel's output, as a tensor that does not hold that output: autograd
+    sums two gradients of one tensor in place of either only if nothing else holds its memory,
+    and a view holds its base (ResNet-50's residual gradients were summed into 12 new tensors a
+    step, each faulted in fresh, while the masks' results were views)."""
+    return t.detach()
 
 
 def _rotation(mask_order: Tuple[int, ...], values_order: Tuple[int, ...]) -> Optional[int]:

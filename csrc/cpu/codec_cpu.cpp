@@ -39,19 +39,43 @@ void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
 #define ACTNN_CPU_CLONES
 #endif
 
+#if defined(__GNUC__)
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+// Lane i of `out` = lane (i + W) % 8 of v (by reference: vector arguments by value would depend
+// on the clone's ABI).
+template <int W, typename V>
+inline void rotate_lanes(const V& v, V& out) {
+  out = __builtin_shufflevector(v, v, W % 8, (W + 1) % 8, (W + 2) % 8, (W + 3) % 8, (W + 4) % 8,
+                                (W + 5) % 8, (W + 6) % 8, (W + 7) % 8);
+}
+
+// Folds lanes i + W into lanes i of a min, a max and a flag vector.
+template <int W>
+inline void fold_lanes(f8& lo, f8& hi, i8& flag) {
+  f8 lo2, hi2;
+  i8 flag2;
+  rotate_lanes<W>(lo, lo2);
+  rotate_lanes<W>(hi, hi2);
+  rotate_lanes<W>(flag, flag2);
+  lo = lo2 < lo ? lo2 : lo;
+  hi = hi2 > hi ? hi2 : hi;
+  flag |= flag2;
+}
+#endif
+
 // Min and max of a group. 32 values at a time in four independent chains of 8 lanes (which hide
 // the latency of min/max) with GCC/Clang vector types, compiled to SSE or AVX2 by the clone in
-// use; a non-finite value is flagged from its exponent bits, since only whether the group is
-// finite matters then. The order of the reduction does not change the result (group_params
-// canonicalizes -0).
+// use, then lanes folded by shuffles; a non-finite value is flagged from its exponent bits (a NaN
+// lane never wins a comparison), since only whether the group is finite matters then. The order
+// of the reduction does not change the result (group_params canonicalizes -0).
 ACTNN_CPU_CLONES
 void group_range(const float* values, int64_t len, float& lo_out, float& hi_out) {
   float lo = values[0], hi = values[0];
   bool finite = true;
   int64_t j = 0;
 #if defined(__GNUC__)
-  typedef float f8 __attribute__((vector_size(32)));
-  typedef int32_t i8 __attribute__((vector_size(32)));
   constexpr int kChains = 4;
   if (len >= 8 * kChains) {
     f8 vlo[kChains], vhi[kChains];
@@ -71,16 +95,17 @@ void group_range(const float* values, int64_t len, float& lo_out, float& hi_out)
         nonfinite[c] |= (u & 0x7F800000) == 0x7F800000;
       }
     }
-    for (int c = 1; c < kChains; ++c) {  // lanes holding NaN are flagged in nonfinite
+    for (int c = 1; c < kChains; ++c) {
       vlo[0] = vlo[c] < vlo[0] ? vlo[c] : vlo[0];
       vhi[0] = vhi[c] > vhi[0] ? vhi[c] : vhi[0];
       nonfinite[0] |= nonfinite[c];
     }
-    for (int l = 0; l < 8; ++l) {
-      lo = min_nan(lo, vlo[0][l]);
-      hi = max_nan(hi, vhi[0][l]);
-      finite = finite && !nonfinite[0][l];
-    }
+    fold_lanes<4>(vlo[0], vhi[0], nonfinite[0]);
+    fold_lanes<2>(vlo[0], vhi[0], nonfinite[0]);
+    fold_lanes<1>(vlo[0], vhi[0], nonfinite[0]);
+    lo = vlo[0][0];
+    hi = vhi[0][0];
+    finite = !nonfinite[0][0];
   }
 #endif
   for (; j < len; ++j) {
@@ -297,8 +322,6 @@ void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst, i
 }
 
 #if defined(__GNUC__)
-typedef float f8 __attribute__((vector_size(32)));
-
 // The 8 x 8 block in rows r[0..7] transposed in registers (interleave pairs of rows, then pairs
 // of pairs, then halves).
 inline void transpose8x8(f8 r[8]) {

@@ -49,6 +49,40 @@ def test_masked_in_any_pair_of_layouts(mask_layout, grad_layout, dtype):
     stored = save_packed(keep, 1, torch.nn.ReLU(), keep.nbytes)
     out = masked(stored, grad, 2.0)
     assert out.shape == grad.shape and torch.equal(out, torch.where(keep, grad * 2, 0))
+    assert not out._is_view()  # see test_input_gradients_are_summed_in_place
+
+
+class _Tap(torch.autograd.Function):
+    """Identity noting the address of the gradient flowing through it."""
+
+    @staticmethod
+    def forward(ctx, x, name, seen):
+        ctx.name, ctx.seen = name, seen
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.seen[ctx.name] = grad.data_ptr()
+        return grad, None, None
+
+
+@pytest.mark.parametrize('layer,layout', [
+    ('relu', torch.contiguous_format), ('relu', torch.channels_last),
+    ('batch_norm', torch.contiguous_format), ('batch_norm', torch.channels_last),
+    ('linear', torch.contiguous_format)])
+def test_input_gradients_are_summed_in_place(layer, layout):
+    # a tensor read by two layers gets two gradients; autograd sums them into one of the two
+    # only if nothing else holds its memory (a view's base would)
+    torch.manual_seed(0)
+    make = {'relu': actnn_mm.QReLU, 'batch_norm': lambda: actnn_mm.QBatchNorm2d(8),
+            'linear': lambda: actnn_mm.QLinear(6, 6)}[layer]
+    x = torch.randn(4, 8, 6, 6).to(memory_format=layout).requires_grad_()
+    seen = {}
+    with settings('L2'):
+        y = _Tap.apply(x, 'sum', seen)
+        out = make()(_Tap.apply(y, 'first', seen)) + make()(_Tap.apply(y, 'second', seen))
+        (out * torch.randn_like(out)).sum().backward()
+    assert seen['sum'] in (seen['first'], seen['second'])
 
 
 def two_convs(converted=True):
