@@ -138,7 +138,8 @@ def mean_square_range(x: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = samples[:, :full * group_size].view(n, full, group_size)
     groups = groups[:, ::-(-full // _RANGE_GROUPS)]
     # amax and amin: 8x faster than aminmax over short rows
-    return (groups.amax(dim=2) - groups.amin(dim=2)).double().pow(2).mean(dim=1).cpu()
+    spread = groups.amax(dim=2) - groups.amin(dim=2)
+    return spread.square().mean(dim=1, dtype=torch.float64).cpu()
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +155,9 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
         span = m // _GRAD_BLOCKS
         picked = samples[:, :span * _GRAD_BLOCKS].view(n, _GRAD_BLOCKS, span)
         picked = picked[:, :, :_GRAD_VALUES // _GRAD_BLOCKS]
-    picked = picked.float()
-    total = (picked * picked).sum(dim=(1, 2)).double().cpu()
-    return total * (m / (picked.shape[1] * picked.shape[2]))
+    # per block in float32 (3x faster than a float64 sum)
+    total = torch.linalg.vecdot(picked, picked).sum(dim=1, dtype=torch.float64)
+    return total.mul_(m / (picked.shape[1] * picked.shape[2])).cpu()
 
 
 @dataclasses.dataclass
@@ -245,9 +246,14 @@ class Allocator:
         return allocate(sensitivity, torch.full((n,), float(elements)), layer_budget)
 
     def observe_grad(self, module: torch.nn.Module, grad: torch.Tensor) -> None:
-        """Record the gradient flowing back into ``module``'s output (dim 0 = samples)."""
+        """Record the gradient flowing back into ``module``'s output (dim 0 = samples).
+
+        Only layers re-balanced across layers are observed: the others share a fixed budget among
+        their samples, a split no per-layer factor changes, and the samples' relative gradient
+        magnitudes are learned from the observed layers.
+        """
         state = self.layers.get(module)
-        if state is None or grad.dim() == 0:
+        if state is None or not state.across_layers or grad.dim() == 0:
             return
         per_sample = sum_of_squares(grad)
         mean = float(per_sample.mean()) if per_sample.numel() else 0.0

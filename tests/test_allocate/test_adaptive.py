@@ -153,6 +153,14 @@ def test_sample_indices_remember_gradient_magnitudes():
     assert torch.allclose(allocator.sample_scale[10:14].mean(), torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_gradients_observed_where_the_split_across_layers_uses_them():
+    model = actnn_mm.QModule(net())
+    with settings('L3'):
+        step(model, scaled_batch(4))
+    observed = {type(m).__name__: s.grad_sq is not None for m, s in allocator.layers.items()}
+    assert observed == {'QConv2d': True, 'QLinear': True, 'QBatchNorm2d': False}
+
+
 def _digits_batch(n: int):
     from sklearn.datasets import load_digits
 
