@@ -39,6 +39,18 @@ TORCH_LIBRARY(actnn_mm, m) {
   // per-channel sums of grad, grad * xh and xh * xh. batch_norm_combine: xh = coef[0] * xh +
   // coef[1] * grad + coef[2] per channel (coef: float32 (3, channels)), in place.
   m.def("batch_norm_sums(Tensor grad, Tensor xh) -> Tensor");
+  // Max pooling's argmax as its position in its window (row-major over the kernel, in dilation
+  // steps) and back. indices: contiguous int64 (P, OH, OW, K) flat indices into input planes
+  // `width` wide, output position (oh, ow) at dims 1 and 2 (an NCHW tensor viewed as
+  // (N * C, OH, OW, 1), a channels_last one permuted to (N, OH, OW, C)); kernel, stride,
+  // padding, dilation: (rows, columns). window_offsets returns `dtype` (uint8 for windows of up
+  // to 256 positions, or int32) of the same shape; window_indices the int64 indices.
+  m.def(
+      "window_offsets(Tensor indices, int width, int[] kernel, int[] stride, int[] padding, "
+      "int[] dilation, ScalarType dtype) -> Tensor");
+  m.def(
+      "window_indices(Tensor offsets, int width, int[] kernel, int[] stride, int[] padding, "
+      "int[] dilation) -> Tensor");
   m.def("batch_norm_combine(Tensor(a!) xh, Tensor grad, Tensor coef) -> ()");
 }
 

@@ -5,7 +5,7 @@ The schemas are defined once in C++ (``csrc/actnn.cpp``); this module registers 
 devices it was built for, the pure-PyTorch reference (with one warning) for the others.
 """
 import warnings
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -86,6 +86,14 @@ if _C is not None:
     @torch.library.register_fake('actnn_mm::batch_norm_combine')
     def _batch_norm_combine_fake(xh, grad, coef):
         return None
+
+    @torch.library.register_fake('actnn_mm::window_offsets')
+    def _window_offsets_fake(indices, width, kernel, stride, padding, dilation, dtype):
+        return torch.empty_like(indices, dtype=dtype)
+
+    @torch.library.register_fake('actnn_mm::window_indices')
+    def _window_indices_fake(offsets, width, kernel, stride, padding, dilation):
+        return torch.empty_like(offsets, dtype=torch.int64)
 
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
@@ -170,6 +178,29 @@ def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
         return torch.ops.actnn_mm.batch_norm_sums(grad, xh)
     _warn_fallback(xh.device)
     return reference.batch_norm_sums(grad, xh)
+
+
+def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int], dtype: torch.dtype) -> torch.Tensor:
+    """Position in its window (row-major over the kernel, in dilation steps) of each argmax of
+    a max pooling: contiguous int64 (P, OH, OW, K) ``indices`` into input planes ``width`` wide,
+    output position (oh, ow) at dims 1 and 2; kernel, stride, padding, dilation as (rows,
+    columns); ``dtype`` uint8 (windows of up to 256 positions) or int32."""
+    if _extension_serves(indices.device):
+        return torch.ops.actnn_mm.window_offsets(indices, width, kernel, stride, padding,
+                                                 dilation, dtype)
+    _warn_fallback(indices.device)
+    return reference.window_offsets(indices, width, kernel, stride, padding, dilation, dtype)
+
+
+def window_indices(offsets: torch.Tensor, width: int, kernel: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int]) -> torch.Tensor:
+    """Inverse of :func:`window_offsets`: the int64 indices."""
+    if _extension_serves(offsets.device):
+        return torch.ops.actnn_mm.window_indices(offsets, width, kernel, stride, padding,
+                                                 dilation)
+    _warn_fallback(offsets.device)
+    return reference.window_indices(offsets, width, kernel, stride, padding, dilation)
 
 
 def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ It implements the two ops ``actnn_mm::quantize`` and ``actnn_mm::dequantize`` (s
 operation, so its output equals the kernels' bit for bit. 32-bit unsigned arithmetic is done in
 int64 tensors with explicit masks (torch has no full uint32 arithmetic).
 """
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 
@@ -174,6 +174,30 @@ def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor,
     n, cols, rows = values.shape
     keep = unpack_bits(mask, 1, values.numel()).view(n, rows, cols).transpose(1, 2)
     return apply_mask(values, pack_bits(keep.contiguous(), 1), scale)
+
+
+def _window_origins(shape: torch.Size, stride: List[int], padding: List[int],
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top row (OH, 1, 1) and left column (OW, 1) of the windows of a (P, OH, OW, K) tensor."""
+    top = torch.arange(shape[1], device=device)[:, None, None] * stride[0] - padding[0]
+    left = torch.arange(shape[2], device=device)[:, None] * stride[1] - padding[1]
+    return top, left
+
+
+def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int], dtype: torch.dtype) -> torch.Tensor:
+    top, left = _window_origins(indices.shape, stride, padding, indices.device)
+    rows = torch.div(indices, width, rounding_mode='floor')
+    cols = indices - rows * width - left
+    return ((rows - top) // dilation[0] * kernel[1] + cols // dilation[1]).to(dtype)
+
+
+def window_indices(offsets: torch.Tensor, width: int, kernel: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int]) -> torch.Tensor:
+    top, left = _window_origins(offsets.shape, stride, padding, offsets.device)
+    offsets = offsets.long()
+    i, j = offsets // kernel[1], offsets % kernel[1]
+    return (top + i * dilation[0]) * width + left + j * dilation[1]
 
 
 def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,13 @@ torch keeps the input and int64 indices into the input plane; the backward needs
 indices, and an index is determined by its window and its offset in the window: 4 bits for
 windows of up to 16 positions (3x3, 4x4), a byte up to 256, else an int32.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..compress import ops
 from .base import QLayer, channels_last_layout, grad_needed
 from .saved import load, save_packed, stash
 
@@ -19,38 +20,16 @@ def _pair(value: object) -> List[int]:
     return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
-def _window_origins(out_shape: torch.Size, stride: List[int], padding: List[int],
-                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row (OH, 1) and column (OW,) of the top-left input position of each window."""
-    rows = torch.arange(out_shape[-2], device=device) * stride[0] - padding[0]
-    cols = torch.arange(out_shape[-1], device=device) * stride[1] - padding[1]
-    return rows.unsqueeze(1), cols
-
-
-def _offsets(indices: torch.Tensor, width: int, kernel: List[int], stride: List[int],
-             padding: List[int], dilation: List[int]) -> torch.Tensor:
-    """Position of each argmax (flat index into its input plane) inside its window."""
-    top, left = _window_origins(indices.shape, stride, padding, indices.device)
-    rows = torch.div(indices, width, rounding_mode='floor')
-    cols = torch.sub(indices, rows, alpha=width).sub_(left)
-    rows = rows.sub_(top)
-    if dilation[0] != 1:
-        rows = rows.div_(dilation[0], rounding_mode='floor')
-    if dilation[1] != 1:
-        cols = cols.div_(dilation[1], rounding_mode='floor')
-    return cols.add_(rows, alpha=kernel[1])
-
-
-def _indices(offsets: torch.Tensor, width: int, kernel: List[int], stride: List[int],
-             padding: List[int], dilation: List[int]) -> torch.Tensor:
-    """Inverse of :func:`_offsets`: flat input-plane indices (int64) of the argmaxes."""
-    top, left = _window_origins(offsets.shape, stride, padding, offsets.device)
-    offsets = offsets.long()
-    rows = torch.div(offsets, kernel[1], rounding_mode='floor')
-    cols = offsets.sub_(rows, alpha=kernel[1])
-    if dilation[1] != 1:
-        cols = cols.mul_(dilation[1])
-    return cols.add_(rows, alpha=dilation[0] * width).add_(top * width + left)
+def _per_window(op: Callable[..., torch.Tensor], t: torch.Tensor, *args: object) -> torch.Tensor:
+    """A window op (:func:`ops.window_offsets` or :func:`ops.window_indices`) over ``t``,
+    (N, C, OH, OW) or (C, OH, OW) in either layout, seen as the (P, OH, OW, K) tensor it takes;
+    the result has ``t``'s shape and layout."""
+    batched = t if t.dim() == 4 else t.unsqueeze(0)
+    if channels_last_layout(batched) is not None:
+        out = op(batched.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2)
+    else:
+        out = op(batched.contiguous().view(-1, *batched.shape[2:], 1), *args).view(batched.shape)
+    return out if t.dim() == 4 else out.squeeze(0)
 
 
 class _MaxPool2dFunction(torch.autograd.Function):
@@ -62,13 +41,13 @@ class _MaxPool2dFunction(torch.autograd.Function):
                 ceil_mode: bool) -> torch.Tensor:
         out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding,
                                                               dilation, ceil_mode)
-        offsets = _offsets(indices, x.shape[-1], kernel, stride, padding, dilation)
         window, full_bytes = kernel[0] * kernel[1], x.nbytes + indices.nbytes
+        offsets = _per_window(ops.window_offsets, indices, x.shape[-1], kernel, stride, padding,
+                              dilation, torch.uint8 if window <= 256 else torch.int32)
         if window <= 256:
-            bits = 4 if window <= 16 else 8
-            ctx.offsets = save_packed(offsets.to(torch.uint8), bits, module, full_bytes)
+            ctx.offsets = save_packed(offsets, 4 if window <= 16 else 8, module, full_bytes)
         else:
-            ctx.offsets = stash(offsets.to(torch.int32), module, full_bytes)
+            ctx.offsets = stash(offsets, module, full_bytes)
         ctx.input_shape, ctx.input_stride = x.shape, x.stride()
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
         return out
@@ -81,11 +60,11 @@ class _MaxPool2dFunction(torch.autograd.Function):
         layout = channels_last_layout(grad)
         if layout is None:  # the input's layout
             like_input = grad.new_empty_strided(ctx.input_shape, ctx.input_stride)
-        else:  # the gradient's: the indices (1 byte each until _indices) and grad_x too
+        else:  # the gradient's: the offsets (made 1 byte each), the indices and grad_x too
             offsets = offsets.contiguous(memory_format=layout)
             like_input = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device,
                                      memory_format=layout)
-        indices = _indices(offsets, ctx.input_shape[-1], *ctx.args[:4])
+        indices = _per_window(ops.window_indices, offsets, ctx.input_shape[-1], *ctx.args[:4])
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, like_input, *ctx.args,
                                                                  indices)
         return (grad_x,) + (None,) * 6

@@ -178,6 +178,33 @@ ACTNN_HD float combine_value(float a, float b, float c, float x, float g) {
   return a * x + b * g + c;
 }
 
+// Geometry of a 2-D pooling over planes `width` wide: output (oh, ow) reads input row
+// oh * stride_h - pad_h + i * dil_h and column ow * stride_w - pad_w + j * dil_w, i < kernel_h,
+// j < kernel_w. The reciprocals serve exact_div.
+struct Window {
+  int64_t width, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  double inv_width, inv_kernel_w, inv_dil_h, inv_dil_w;
+};
+
+// floor(a / b) for 0 <= a < 2^50, given inv_b = 1.0 / b: (a + 0.5) / b is at least 0.5 / b from an
+// integer and the double product errs by far less, so truncating it is exact (int64 division
+// costs ten times more and does not vectorize).
+ACTNN_HD int64_t exact_div(int64_t a, double inv_b) { return int64_t((double(a) + 0.5) * inv_b); }
+
+// Position in its window (row-major over the kernel, in dilation steps) of the argmax `index`
+// (flat, into its input plane) of output (oh, ow); window_index inverts it.
+ACTNN_HD int64_t window_offset(const Window& w, int64_t oh, int64_t ow, int64_t index) {
+  const int64_t row = exact_div(index, w.inv_width), col = index - row * w.width;
+  return exact_div(row - (oh * w.stride_h - w.pad_h), w.inv_dil_h) * w.kernel_w +
+         exact_div(col - (ow * w.stride_w - w.pad_w), w.inv_dil_w);
+}
+
+ACTNN_HD int64_t window_index(const Window& w, int64_t oh, int64_t ow, int64_t offset) {
+  const int64_t i = exact_div(offset, w.inv_kernel_w), j = offset - i * w.kernel_w;
+  return (oh * w.stride_h - w.pad_h + i * w.dil_h) * w.width + ow * w.stride_w - w.pad_w +
+         j * w.dil_w;
+}
+
 // Bit of pack_positive: whether the value is > 0 (a NaN is not).
 ACTNN_HD uint32_t positive_bit(float value) { return value > 0.f ? 1u : 0u; }
 

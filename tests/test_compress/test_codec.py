@@ -559,3 +559,68 @@ def test_batch_norm_ops_cuda_match_cpu(dtype):
     torch.ops.actnn_mm.batch_norm_combine(gpu, grad.cuda(), coef.cuda())
     torch.ops.actnn_mm.batch_norm_combine(cpu, grad, coef)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+# (kernel, stride, padding, dilation, ceil_mode) of max poolings
+WINDOWS = [((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
+           ((3, 2), (1, 2), (1, 0), (2, 3), True), ((5, 5), (3, 3), (2, 2), (1, 1), False),
+           ((20, 15), (1, 1), (0, 0), (1, 1), False)]
+
+
+def _window_case(window, channels_last):
+    """Max-pool argmax indices as the window ops take them, and the window arguments."""
+    kernel, stride, padding, dilation, ceil_mode = window
+    x = torch.randn(2, 3, 23, 29, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation,
+                                                        ceil_mode)
+    if channels_last:
+        view = indices.permute(0, 2, 3, 1)
+    else:
+        view = indices.reshape(6, *indices.shape[2:], 1)
+    assert view.is_contiguous()
+    return view, (x.shape[-1], list(kernel), list(stride), list(padding), list(dilation))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('window', WINDOWS)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_window_ops_match_reference_and_invert(window, channels_last):
+    indices, args = _window_case(window, channels_last)
+    dtype = torch.uint8 if window[0][0] * window[0][1] <= 256 else torch.int32
+    offsets = torch.ops.actnn_mm.window_offsets(indices, *args, dtype)
+    assert offsets.dtype == dtype and offsets.shape == indices.shape
+    assert torch.equal(offsets, reference.window_offsets(indices, *args, dtype))
+    assert int(offsets.max()) < window[0][0] * window[0][1] and int(offsets.min()) >= 0
+    restored = torch.ops.actnn_mm.window_indices(offsets, *args)
+    assert torch.equal(restored, indices)
+    assert torch.equal(reference.window_indices(offsets, *args), indices)
+    assert torch.equal(torch.ops.actnn_mm.window_indices(offsets.int(), *args), indices)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_window_ops_check_and_opcheck():
+    indices, args = _window_case(WINDOWS[0], False)
+    with pytest.raises(RuntimeError, match='contiguous int64'):
+        torch.ops.actnn_mm.window_offsets(indices.transpose(1, 2), *args, torch.uint8)
+    with pytest.raises(RuntimeError, match='at most 256'):
+        torch.ops.actnn_mm.window_offsets(indices, args[0], [17, 17], *args[2:], torch.uint8)
+    with pytest.raises(RuntimeError, match='positive width'):
+        torch.ops.actnn_mm.window_offsets(indices, args[0], args[1], [0, 1], *args[3:],
+                                          torch.uint8)
+    with pytest.raises(RuntimeError, match='uint8 or int32'):
+        torch.ops.actnn_mm.window_indices(indices, *args)
+    offsets = torch.ops.actnn_mm.window_offsets(indices, *args, torch.uint8)
+    torch.library.opcheck(torch.ops.actnn_mm.window_offsets, (indices, *args, torch.uint8))
+    torch.library.opcheck(torch.ops.actnn_mm.window_indices, (offsets, *args))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('window', WINDOWS)
+def test_window_ops_cuda_match_cpu(window):
+    indices, args = _window_case(window, False)
+    offsets = torch.ops.actnn_mm.window_offsets(indices, *args, torch.int32)
+    assert torch.equal(
+        torch.ops.actnn_mm.window_offsets(indices.cuda(), *args, torch.int32).cpu(), offsets)
+    assert torch.equal(torch.ops.actnn_mm.window_indices(offsets.cuda(), *args).cpu(), indices)
