@@ -6,8 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "codec.h"
-
 namespace actnn {
 
 inline void check_stream_args(const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
@@ -88,45 +86,6 @@ inline void check_batch_norm_coef(const at::Tensor& coef, const at::Tensor& xh) 
                   coef.device() == xh.device(),
               "actnn_mm: batch_norm_combine expects a contiguous float32 coef of shape (3, ",
               xh.size(1), ") on the device of xh");
-}
-
-// The Window of a max pooling's kernel, stride, padding and dilation (two ints each: rows,
-// columns) over input planes `width` wide.
-inline Window make_window(int64_t width, at::IntArrayRef kernel, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const bool pairs = kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                     dilation.size() == 2;
-  TORCH_CHECK(pairs && width > 0 && kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 &&
-                  stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 &&
-                  dilation[1] > 0,
-              "actnn_mm: window ops expect a positive width and pairs of positive kernel, "
-              "stride and dilation and of non-negative padding");
-  return Window{width, kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0],
-                dilation[1], 1.0 / double(width), 1.0 / double(kernel[1]),
-                1.0 / double(dilation[0]), 1.0 / double(dilation[1])};
-}
-
-inline void check_window_offsets_args(const at::Tensor& indices, at::ScalarType dtype,
-                                      at::IntArrayRef kernel) {
-  TORCH_CHECK(indices.dim() == 4 && indices.is_contiguous() && indices.scalar_type() == at::kLong,
-              "actnn_mm: window_offsets expects contiguous int64 (P, OH, OW, K) indices");
-  TORCH_CHECK(dtype == at::kInt || (dtype == at::kByte && kernel.size() == 2 &&
-                                    kernel[0] * kernel[1] <= 256),
-              "actnn_mm: window_offsets returns int32, or uint8 for windows of at most 256");
-}
-
-// Calls f(T()) with T the C++ type of window offsets of `dtype` (uint8 or int32).
-template <typename F>
-void dispatch_offsets(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kByte) return f(uint8_t());
-  return f(int32_t());
-}
-
-inline void check_window_indices_args(const at::Tensor& offsets) {
-  TORCH_CHECK(offsets.dim() == 4 && offsets.is_contiguous() &&
-                  (offsets.scalar_type() == at::kByte || offsets.scalar_type() == at::kInt),
-              "actnn_mm: window_indices expects contiguous uint8 or int32 (P, OH, OW, K) "
-              "offsets");
 }
 
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {

@@ -13,6 +13,7 @@
 
 #include "../common/checks.h"
 #include "../common/codec.h"
+#include "../common/window.h"
 
 namespace actnn {
 namespace {
@@ -684,48 +685,25 @@ void batch_norm_combine_cpu(at::Tensor& xh, const at::Tensor& grad, const at::Te
   });
 }
 
-// out (contiguous (P, OH, OW, K), like `in`) = window_offset (kToOffsets) or window_index of each
-// element of `in` at its output position, rows of (plane, oh) spread over the threads.
+// window.h's Map: rows of (plane, oh) spread over the threads.
 template <bool kToOffsets, typename in_t, typename out_t>
-void map_windows(const at::Tensor& in, const Window& w, at::Tensor& out) {
-  const in_t* src = static_cast<const in_t*>(in.const_data_ptr());
-  out_t* dst = static_cast<out_t*>(out.data_ptr());
-  const int64_t out_h = in.size(1), out_w = in.size(2), inner = in.size(3);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_w * inner));
-  at::parallel_for(0, in.size(0) * out_h, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t ow = 0; ow < out_w; ++ow)
-        for (int64_t k = 0; k < inner; ++k) {
-          const int64_t e = (r * out_w + ow) * inner + k, oh = r % out_h;
-          dst[e] = out_t(kToOffsets ? window_offset(w, oh, ow, int64_t(src[e]))
-                                    : window_index(w, oh, ow, int64_t(src[e])));
-        }
-  });
-}
-
-at::Tensor window_offsets_cpu(const at::Tensor& indices, int64_t width, at::IntArrayRef kernel,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, at::ScalarType dtype) {
-  check_window_offsets_args(indices, dtype, kernel);
-  at::Tensor out = at::empty(indices.sizes(), indices.options().dtype(dtype));
-  dispatch_offsets(dtype, [&](auto type) {
-    map_windows<true, int64_t, decltype(type)>(
-        indices, make_window(width, kernel, stride, padding, dilation), out);
-  });
-  return out;
-}
-
-at::Tensor window_indices_cpu(const at::Tensor& offsets, int64_t width, at::IntArrayRef kernel,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation) {
-  check_window_indices_args(offsets);
-  at::Tensor out = at::empty(offsets.sizes(), offsets.options().dtype(at::kLong));
-  dispatch_offsets(offsets.scalar_type(), [&](auto type) {
-    map_windows<false, decltype(type), int64_t>(
-        offsets, make_window(width, kernel, stride, padding, dilation), out);
-  });
-  return out;
-}
+struct MapWindows {
+  static void run(const at::Tensor& in, const Window& w, at::Tensor& out) {
+    const in_t* src = static_cast<const in_t*>(in.const_data_ptr());
+    out_t* dst = static_cast<out_t*>(out.data_ptr());
+    const int64_t out_h = in.size(1), out_w = in.size(2), inner = in.size(3);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_w * inner));
+    at::parallel_for(0, in.size(0) * out_h, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t ow = 0; ow < out_w; ++ow)
+          for (int64_t k = 0; k < inner; ++k) {
+            const int64_t e = (r * out_w + ow) * inner + k, oh = r % out_h;
+            dst[e] = out_t(kToOffsets ? window_offset(w, oh, ow, int64_t(src[e]))
+                                      : window_index(w, oh, ow, int64_t(src[e])));
+          }
+    });
+  }
+};
 
 }  // namespace
 
@@ -740,8 +718,8 @@ TORCH_LIBRARY_IMPL(actnn_mm, CPU, m) {
   m.impl("apply_mask_transposed", &apply_mask_transposed_cpu);
   m.impl("batch_norm_sums", &batch_norm_sums_cpu);
   m.impl("batch_norm_combine", &batch_norm_combine_cpu);
-  m.impl("window_offsets", &window_offsets_cpu);
-  m.impl("window_indices", &window_indices_cpu);
+  m.impl("window_offsets", &window_offsets_impl<MapWindows>);
+  m.impl("window_indices", &window_indices_impl<MapWindows>);
 }
 
 }  // namespace actnn

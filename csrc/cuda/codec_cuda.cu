@@ -10,6 +10,7 @@
 
 #include "../common/checks.h"
 #include "../common/codec.h"
+#include "../common/window.h"
 
 namespace actnn {
 namespace {
@@ -329,41 +330,19 @@ __global__ void map_windows_kernel(const in_t* in, Window w, int64_t numel, int6
   }
 }
 
+// window.h's Map.
 template <bool kToOffsets, typename in_t, typename out_t>
-void map_windows(const at::Tensor& in, const Window& w, at::Tensor& out) {
-  if (out.numel() == 0) return;
-  map_windows_kernel<kToOffsets, in_t, out_t><<<blocks_for(out.numel()), kThreads, 0,
-                                                c10::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const in_t*>(in.const_data_ptr()), w, out.numel(), in.size(1), in.size(2),
-      in.size(3), static_cast<out_t*>(out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor window_offsets_cuda(const at::Tensor& indices, int64_t width, at::IntArrayRef kernel,
-                               at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, at::ScalarType dtype) {
-  check_window_offsets_args(indices, dtype, kernel);
-  c10::cuda::CUDAGuard guard(indices.device());
-  at::Tensor out = at::empty(indices.sizes(), indices.options().dtype(dtype));
-  dispatch_offsets(dtype, [&](auto type) {
-    map_windows<true, int64_t, decltype(type)>(
-        indices, make_window(width, kernel, stride, padding, dilation), out);
-  });
-  return out;
-}
-
-at::Tensor window_indices_cuda(const at::Tensor& offsets, int64_t width, at::IntArrayRef kernel,
-                               at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation) {
-  check_window_indices_args(offsets);
-  c10::cuda::CUDAGuard guard(offsets.device());
-  at::Tensor out = at::empty(offsets.sizes(), offsets.options().dtype(at::kLong));
-  dispatch_offsets(offsets.scalar_type(), [&](auto type) {
-    map_windows<false, decltype(type), int64_t>(
-        offsets, make_window(width, kernel, stride, padding, dilation), out);
-  });
-  return out;
-}
+struct MapWindows {
+  static void run(const at::Tensor& in, const Window& w, at::Tensor& out) {
+    if (out.numel() == 0) return;
+    c10::cuda::CUDAGuard guard(in.device());
+    map_windows_kernel<kToOffsets, in_t, out_t><<<blocks_for(out.numel()), kThreads, 0,
+                                                  c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const in_t*>(in.const_data_ptr()), w, out.numel(), in.size(1), in.size(2),
+        in.size(3), static_cast<out_t*>(out.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
@@ -376,8 +355,8 @@ TORCH_LIBRARY_IMPL(actnn_mm, CUDA, m) {
   m.impl("apply_mask_transposed", &apply_mask_transposed_cuda);
   m.impl("batch_norm_sums", &batch_norm_sums_cuda);
   m.impl("batch_norm_combine", &batch_norm_combine_cuda);
-  m.impl("window_offsets", &window_offsets_cuda);
-  m.impl("window_indices", &window_indices_cuda);
+  m.impl("window_offsets", &window_offsets_impl<MapWindows>);
+  m.impl("window_indices", &window_indices_impl<MapWindows>);
 }
 
 }  // namespace actnn
