@@ -180,6 +180,16 @@ def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
     return reference.batch_norm_sums(grad, xh)
 
 
+def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
+    """``xh = coef[0] * xh + coef[1] * grad + coef[2]`` per channel of contiguous (rows,
+    channels) tensors, in place."""
+    if _extension_serves(xh.device):
+        torch.ops.actnn_mm.batch_norm_combine(xh, grad, coef)
+        return
+    _warn_fallback(xh.device)
+    reference.batch_norm_combine(xh, grad, coef)
+
+
 def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride: List[int],
                    padding: List[int], dilation: List[int], dtype: torch.dtype) -> torch.Tensor:
     """Position in its window (row-major over the kernel, in dilation steps) of each argmax of
@@ -201,13 +211,3 @@ def window_indices(offsets: torch.Tensor, width: int, kernel: List[int], stride:
                                                  dilation)
     _warn_fallback(offsets.device)
     return reference.window_indices(offsets, width, kernel, stride, padding, dilation)
-
-
-def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
-    """``xh = coef[0] * xh + coef[1] * grad + coef[2]`` per channel of contiguous (rows,
-    channels) tensors, in place."""
-    if _extension_serves(xh.device):
-        torch.ops.actnn_mm.batch_norm_combine(xh, grad, coef)
-        return
-    _warn_fallback(xh.device)
-    reference.batch_norm_combine(xh, grad, coef)
