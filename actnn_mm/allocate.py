@@ -166,7 +166,8 @@ class _LayerState:
 
     across_layers: bool = True         # whether its share of the budget is re-balanced
     budget: Optional[float] = None     # its share of the average bits (None: not set yet)
-    grad_sq: Optional[float] = None    # running mean over samples of |grad of its output|^2
+    # running mean over samples of |grad of its output|^2 (None: not observed, see observe_grad)
+    grad_sq: Optional[float] = None
     # this step: (per-sample range term, elements per sample) of each call (a head shared across
     # feature levels is called several times per step)
     calls: List[Tuple[torch.Tensor, int]] = dataclasses.field(default_factory=list)

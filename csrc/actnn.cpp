@@ -39,6 +39,7 @@ TORCH_LIBRARY(actnn_mm, m) {
   // per-channel sums of grad, grad * xh and xh * xh. batch_norm_combine: xh = coef[0] * xh +
   // coef[1] * grad + coef[2] per channel (coef: float32 (3, channels)), in place.
   m.def("batch_norm_sums(Tensor grad, Tensor xh) -> Tensor");
+  m.def("batch_norm_combine(Tensor(a!) xh, Tensor grad, Tensor coef) -> ()");
   // Max pooling's argmax as its position in its window (row-major over the kernel, in dilation
   // steps) and back. indices: contiguous int64 (P, OH, OW, K) flat indices into input planes
   // `width` wide, output position (oh, ow) at dims 1 and 2 (an NCHW tensor viewed as
@@ -51,7 +52,6 @@ TORCH_LIBRARY(actnn_mm, m) {
   m.def(
       "window_indices(Tensor offsets, int width, int[] kernel, int[] stride, int[] padding, "
       "int[] dilation) -> Tensor");
-  m.def("batch_norm_combine(Tensor(a!) xh, Tensor grad, Tensor coef) -> ()");
 }
 
 // Importing actnn_mm._C runs the registrations above; the module itself is empty but says

@@ -694,13 +694,15 @@ struct MapWindows {
     const int64_t out_h = in.size(1), out_w = in.size(2), inner = in.size(3);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_w * inner));
     at::parallel_for(0, in.size(0) * out_h, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t oh = r % out_h;
         for (int64_t ow = 0; ow < out_w; ++ow)
           for (int64_t k = 0; k < inner; ++k) {
-            const int64_t e = (r * out_w + ow) * inner + k, oh = r % out_h;
+            const int64_t e = (r * out_w + ow) * inner + k;
             dst[e] = out_t(kToOffsets ? window_offset(w, oh, ow, int64_t(src[e]))
                                       : window_index(w, oh, ow, int64_t(src[e])));
           }
+      }
     });
   }
 };
