@@ -486,16 +486,24 @@ def test_dequantize_into_channels_last_is_bit_identical(dtype, bits, shape):
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_dequantize_transposed_matches_reference(dtype):
-    x = (torch.randn(5, 70 * 33) * 3).to(dtype)
+# one span of columns per sample, or several (a span's buffer holds about 512 KiB of rows),
+# rows and columns not multiples of 8
+@pytest.mark.parametrize('n,rows,cols', [(5, 70, 33), (2, 3000, 197), (3, 1, 5), (2, 0, 9)])
+def test_dequantize_transposed_matches_reference(dtype, n, rows, cols):
+    x = (torch.randn(n, rows * cols) * 3).to(dtype)
     c = quantize(x, _bits_for(x, MIXED), group_size=48)
-    args = (c.data, c.meta, c.bits, c.offsets, 5, 70, 33, 48, dtype)
+    args = (c.data, c.meta, c.bits, c.offsets, n, rows, cols, 48, dtype)
     out = torch.ops.actnn_mm.dequantize_transposed(*args)
-    assert out.shape == (5, 33, 70)
+    assert out.shape == (n, cols, rows)
     assert torch.equal(out, reference.dequantize_transposed(*args))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_dequantize_transposed_checks_its_sizes():
+    c = quantize(torch.randn(5, 70 * 33), 2, group_size=48)
     with pytest.raises(RuntimeError, match='meta must be .* shape'):  # 70 x 34 values per sample
         torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, 5, 70, 34,
-                                                 48, dtype)
+                                                 48, torch.float32)
 
 
 def _batch_norm_case(dtype, rows=300, channels=24):
