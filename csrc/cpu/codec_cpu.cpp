@@ -383,9 +383,8 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 // into output rows c0..c1 - 1, which are consecutive: the output is written in order (1.6-2.5x
 // faster into resident memory, 1.2-1.3x into new pages, than transposing blocks of whole rows
 // into places `rows` apart; 2x faster than dequantizing and copying into channels_last with
-// torch). Each row's span is dequantized from
-// the byte it starts in (up to 7 values more, dropped), placed so that column c0 of every row
-// lands at the same offset of its buffer row.
+// torch). Each row's span is dequantized from the byte it starts in (up to 7 values more,
+// dropped), placed so that column c0 of every row lands at the same offset of its buffer row.
 at::Tensor dequantize_transposed_cpu(const at::Tensor& data, const at::Tensor& meta,
                                      const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
                                      int64_t rows, int64_t cols, int64_t group_size,
