@@ -308,23 +308,22 @@ void visit_tile(int64_t r0, int64_t r1, int64_t c0, int64_t c1, F&& f) {
     for (int64_t r = r0; r < r1; ++r) f(r, c);
 }
 
-// Calls f(r, c) for every element of a rows x cols matrix, tile by tile.
+// Calls f(r, c) for every element of a rows x cols matrix, tile by tile: the tiles of all rows
+// for one band of columns, then the next band, so that a transposed (cols x rows) output is
+// written in order.
 template <typename F>
 void visit_tiled(int64_t rows, int64_t cols, F&& f) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
       visit_tile(r0, std::min(rows, r0 + kTile), c0, std::min(cols, c0 + kTile), f);
 }
 
-// dst (cols x rows, rows `dst_ld` apart) = src (rows x cols, rows `src_ld` apart) transposed,
-// dst in order: the tiles of all rows for one band of columns, then the next band.
+// dst (cols x rows, rows `dst_ld` apart) = src (rows x cols, rows `src_ld` apart) transposed.
 template <typename scalar_t>
 void transpose(const scalar_t* src, int64_t src_ld, int64_t rows, int64_t cols, scalar_t* dst,
                int64_t dst_ld) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kTile)
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-      visit_tile(r0, std::min(rows, r0 + kTile), c0, std::min(cols, c0 + kTile),
-                 [&](int64_t r, int64_t c) { dst[c * dst_ld + r] = src[r * src_ld + c]; });
+  visit_tiled(rows, cols,
+              [&](int64_t r, int64_t c) { dst[c * dst_ld + r] = src[r * src_ld + c]; });
 }
 
 #if defined(__GNUC__)

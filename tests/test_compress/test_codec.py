@@ -499,11 +499,12 @@ def test_dequantize_transposed_matches_reference(dtype, n, rows, cols):
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_dequantize_transposed_checks_its_sizes():
-    c = quantize(torch.randn(5, 70 * 33), 2, group_size=48)
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_dequantize_transposed_checks_its_sizes(dtype):
+    c = quantize((torch.randn(5, 70 * 33) * 3).to(dtype), 2, group_size=48)
     with pytest.raises(RuntimeError, match='meta must be .* shape'):  # 70 x 34 values per sample
         torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, 5, 70, 34,
-                                                 48, torch.float32)
+                                                 48, dtype)
 
 
 def _batch_norm_case(dtype, rows=300, channels=24):
