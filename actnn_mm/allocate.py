@@ -24,12 +24,14 @@ dataset index when the loader tells which samples are in the batch
 (:func:`set_sample_indices`), else a running average of the batch's mean per layer.
 """
 import dataclasses
+import math
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .compress.codec import samples_view
+from .compress import ops
+from .compress.codec import FLOAT_DTYPES, samples_view
 from .config import config
 
 BITS = (1, 2, 4, 8)
@@ -37,7 +39,10 @@ _VARIANCE_LIST = [1.0 / (2**b - 1)**2 for b in BITS]
 _VARIANCE = torch.tensor(_VARIANCE_LIST, dtype=torch.float64)
 
 
-def allocate(sensitivity: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
+Floats = Union[torch.Tensor, Sequence[float]]
+
+
+def allocate(sensitivity: Floats, cost: Floats, budget: float) -> torch.Tensor:
     """Bits in {1, 2, 4, 8} per item minimising ``sum(sensitivity / (2^bits - 1)^2)``.
 
     Greedy: take the upgrade with the largest variance reduction per bit spent, while the budget
@@ -49,7 +54,7 @@ def allocate(sensitivity: torch.Tensor, cost: torch.Tensor, budget: float) -> to
     overhead.
 
     Args:
-        sensitivity: (K,) non-negative sensitivity of each item.
+        sensitivity: (K,) non-negative sensitivity of each item (a tensor or a sequence).
         cost: (K,) elements of each item (a bit more for an item costs this many bits).
         budget: the largest allowed ``sum(bits * cost) / sum(cost)``; at least 1.
 
@@ -58,8 +63,10 @@ def allocate(sensitivity: torch.Tensor, cost: torch.Tensor, budget: float) -> to
     """
     if budget < 1:
         raise ValueError(f'actnn_mm: the average bit budget must be at least 1, got {budget}')
-    sensitivity = sensitivity.detach().to('cpu', torch.float64).flatten()
-    cost = cost.detach().to('cpu', torch.float64).flatten()
+    if not isinstance(sensitivity, torch.Tensor) and len(sensitivity) <= _FEW_ITEMS:
+        return _allocate_few([float(s) for s in sensitivity], [float(c) for c in cost], budget)
+    sensitivity = torch.as_tensor(sensitivity).detach().to('cpu', torch.float64).flatten()
+    cost = torch.as_tensor(cost).detach().to('cpu', torch.float64).flatten()
     k = sensitivity.numel()
     if k <= _FEW_ITEMS:
         return _allocate_few(sensitivity.tolist(), cost.tolist(), budget)
@@ -123,41 +130,23 @@ _GRAD_VALUES = 16384
 _GRAD_BLOCKS = 16
 
 
+def _samples(x: torch.Tensor) -> torch.Tensor:
+    """(N, M) view of ``x`` in memory order, in a dtype the statistics ops take."""
+    samples, _ = samples_view(x.detach())
+    return samples if samples.dtype in FLOAT_DTYPES else samples.float()
+
+
 def mean_square_range(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per sample of ``x`` (dim 0), the mean over its groups of the squared group range: the
     scale of its quantization noise per value. Groups follow the codec's memory order; a sample
     of many groups is estimated from ``_RANGE_GROUPS`` groups spread evenly over it."""
-    samples, _ = samples_view(x.detach())
-    n, m = samples.shape
-    if n * m == 0:
-        return torch.zeros(n, dtype=torch.float64)
-    full = m // group_size
-    if full == 0:  # one short group
-        lo, hi = samples.aminmax(dim=1)
-        return (hi - lo).double().pow(2).cpu()
-    groups = samples[:, :full * group_size].view(n, full, group_size)
-    groups = groups[:, ::-(-full // _RANGE_GROUPS)]
-    # amax and amin: 8x faster than aminmax over short rows
-    spread = groups.amax(dim=2) - groups.amin(dim=2)
-    return spread.square().mean(dim=1, dtype=torch.float64).cpu()
+    return ops.mean_square_range(_samples(x), group_size, _RANGE_GROUPS).cpu()
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     """Per sample of ``x`` (dim 0), the sum of squares, estimated from ``_GRAD_VALUES`` values
     in ``_GRAD_BLOCKS`` blocks spread evenly over it."""
-    samples, _ = samples_view(x.detach())
-    n, m = samples.shape
-    if n * m == 0:
-        return torch.zeros(n, dtype=torch.float64)
-    if m <= _GRAD_VALUES:
-        picked = samples[:, None]
-    else:
-        span = m // _GRAD_BLOCKS
-        picked = samples[:, :span * _GRAD_BLOCKS].view(n, _GRAD_BLOCKS, span)
-        picked = picked[:, :, :_GRAD_VALUES // _GRAD_BLOCKS]
-    # per block in float32 (3x faster than a float64 sum)
-    total = torch.linalg.vecdot(picked, picked).sum(dim=1, dtype=torch.float64)
-    return total.mul_(m / (picked.shape[1] * picked.shape[2])).cpu()
+    return ops.sum_of_squares(_samples(x), _GRAD_VALUES, _GRAD_BLOCKS).cpu()
 
 
 @dataclasses.dataclass
@@ -202,12 +191,13 @@ class Allocator:
         self.sample_indices = (None if indices is None else
                                torch.as_tensor(indices, dtype=torch.int64).flatten().cpu())
 
-    def _sample_factor(self, n: int) -> torch.Tensor:
-        """Each sample's gradient magnitude relative to its batch (1 where unknown)."""
-        factor = torch.ones(n, dtype=torch.float64)
+    def _sample_factor(self, n: int) -> Optional[torch.Tensor]:
+        """Each sample's gradient magnitude relative to its batch (1 where unknown), or None if
+        no sample of the batch is known."""
         indices = self._step_indices
         if indices is None or indices.numel() != n:
-            return factor
+            return None
+        factor = torch.ones(n, dtype=torch.float64)
         known = indices < self.sample_seen.numel()
         known[known.clone()] = self.sample_seen[indices[known]]
         factor[known] = self.sample_scale[indices[known]]
@@ -238,13 +228,22 @@ class Allocator:
         if self._step_indices is None:  # indices given before the first step's forward
             self._step_indices = self.sample_indices
         weight = getattr(module, 'weight', None)
-        fan_in = weight[0].numel() if across_layers and weight is not None else 1
-        ranges = mean_square_range(x, group_size) * fan_in
+        ranges = mean_square_range(x, group_size)
+        if across_layers and weight is not None:
+            ranges *= math.prod(weight.shape[1:])  # fan-in
         elements = x.numel() // max(n, 1)
         state.calls.append((ranges, elements))
-        sensitivity = ranges * self._sample_factor(n) * (state.grad_sq or 1.0)
+        sensitivity = self._sensitivity(state, ranges)
         layer_budget = budget if state.budget is None else state.budget
-        return allocate(sensitivity, torch.full((n,), float(elements)), layer_budget)
+        # lists: a layer's few samples are allocated in plain Python
+        return allocate(sensitivity.tolist(), [float(elements)] * n, layer_budget)
+
+    def _sensitivity(self, state: _LayerState, ranges: torch.Tensor) -> torch.Tensor:
+        """Per-sample sensitivity of a call of the layer of ``state`` with range terms
+        ``ranges``."""
+        factor = self._sample_factor(ranges.numel())
+        scaled = ranges * (state.grad_sq or 1.0)
+        return scaled if factor is None else scaled * factor
 
     def observe_grad(self, module: torch.nn.Module, grad: torch.Tensor) -> None:
         """Record the gradient flowing back into ``module``'s output (dim 0 = samples).
@@ -260,6 +259,8 @@ class Allocator:
         mean = float(per_sample.mean()) if per_sample.numel() else 0.0
         state.grad_sq = mean if state.grad_sq is None else (
             self.momentum * state.grad_sq + (1 - self.momentum) * mean)
+        if self._step_indices is None:  # samples are only remembered by their dataset index
+            return
         relative = per_sample / mean if mean > 0 else torch.ones_like(per_sample)
         if state.relative_grad is not None and state.relative_grad.shape == relative.shape:
             relative = relative + state.relative_grad
@@ -287,8 +288,7 @@ class Allocator:
                  for ranges, elements in state.calls if ranges.numel()]
         if not items:
             return
-        sensitivity = torch.cat([ranges * self._sample_factor(ranges.numel()) *
-                                 (state.grad_sq or 1.0) for state, ranges, _ in items])
+        sensitivity = torch.cat([self._sensitivity(state, ranges) for state, ranges, _ in items])
         cost = torch.cat([torch.full((ranges.numel(),), float(elements))
                           for _, ranges, elements in items])
         bits = allocate(sensitivity, cost, float(config.bits)).double()

@@ -40,6 +40,15 @@ TORCH_LIBRARY(actnn_mm, m) {
   // coef[1] * grad + coef[2] per channel (coef: float32 (3, channels)), in place.
   m.def("batch_norm_sums(Tensor grad, Tensor xh) -> Tensor");
   m.def("batch_norm_combine(Tensor(a!) xh, Tensor grad, Tensor coef) -> ()");
+  // Per-sample statistics of the adaptive allocator (actnn_mm/allocate.py), each read from a
+  // sample of the rows of a contiguous (N, M) float32/float16/bfloat16 tensor; float64 (N,).
+  // mean_square_range: the mean over every ceil(G / max_groups)-th of a row's G full groups of
+  // group_size values (a row shorter than one group: the row) of the group's (max - min)^2.
+  // sum_of_squares: a row's sum of squares, estimated from `blocks` blocks of max_values / blocks
+  // values starting every M / blocks values (a row of at most max_values: exact). A non-finite
+  // value read makes its row's statistic non-finite.
+  m.def("mean_square_range(Tensor x, int group_size, int max_groups) -> Tensor");
+  m.def("sum_of_squares(Tensor x, int max_values, int blocks) -> Tensor");
   // Max pooling's argmax as its position in its window (row-major over the kernel, in dilation
   // steps) and back. indices: contiguous int64 (P, OH, OW, K) flat indices into input planes
   // `width` wide, output position (oh, ow) at dims 1 and 2 (an NCHW tensor viewed as

@@ -87,6 +87,14 @@ if _C is not None:
     def _batch_norm_combine_fake(xh, grad, coef):
         return None
 
+    @torch.library.register_fake('actnn_mm::mean_square_range')
+    def _mean_square_range_fake(x, group_size, max_groups):
+        return x.new_empty(x.shape[0], dtype=torch.float64)
+
+    @torch.library.register_fake('actnn_mm::sum_of_squares')
+    def _sum_of_squares_fake(x, max_values, blocks):
+        return x.new_empty(x.shape[0], dtype=torch.float64)
+
     @torch.library.register_fake('actnn_mm::window_offsets')
     def _window_offsets_fake(indices, width, kernel, stride, padding, dilation, dtype):
         return torch.empty_like(indices, dtype=dtype)
@@ -188,6 +196,26 @@ def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor)
         return
     _warn_fallback(xh.device)
     reference.batch_norm_combine(xh, grad, coef)
+
+
+def mean_square_range(x: torch.Tensor, group_size: int, max_groups: int) -> torch.Tensor:
+    """float64 per row of a contiguous (N, M) float ``x``: the mean of ``(max - min) ** 2`` over
+    every ``ceil(G / max_groups)``-th of the row's ``G`` full groups of ``group_size`` values (a row
+    shorter than one group: over the row)."""
+    if _extension_serves(x.device):
+        return torch.ops.actnn_mm.mean_square_range(x, group_size, max_groups)
+    _warn_fallback(x.device)
+    return reference.mean_square_range(x, group_size, max_groups)
+
+
+def sum_of_squares(x: torch.Tensor, max_values: int, blocks: int) -> torch.Tensor:
+    """float64 per row of a contiguous (N, M) float ``x``: its sum of squares, estimated from
+    ``blocks`` blocks of ``max_values // blocks`` values starting every ``M // blocks`` values
+    (exact for rows of at most ``max_values``)."""
+    if _extension_serves(x.device):
+        return torch.ops.actnn_mm.sum_of_squares(x, max_values, blocks)
+    _warn_fallback(x.device)
+    return reference.sum_of_squares(x, max_values, blocks)
 
 
 def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride: List[int],

@@ -210,6 +210,38 @@ def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor)
     xh.copy_(a * xh.float() + b * grad.float() + c)
 
 
+def _row_runs(x: torch.Tensor, count: int, length: int, step: int) -> torch.Tensor:
+    """(N, count, length) float32 view of runs of ``length`` values every ``step`` in each row."""
+    return x.as_strided((x.shape[0], count, length), (x.stride(0), step, 1),
+                        x.storage_offset()).float()
+
+
+def mean_square_range(x: torch.Tensor, group_size: int, max_groups: int) -> torch.Tensor:
+    n, m = x.shape
+    full = m // group_size
+    if full == 0:  # a row shorter than one group: the row
+        count, length, step = int(m > 0), m, 0
+    else:
+        stride = -(-full // max_groups)
+        count, length, step = -(-full // stride), group_size, stride * group_size
+    if count == 0:
+        return torch.zeros(n, dtype=torch.float64, device=x.device)
+    runs = _row_runs(x, count, length, step)
+    return (runs.amax(2) - runs.amin(2)).double().square().mean(1)
+
+
+def sum_of_squares(x: torch.Tensor, max_values: int, blocks: int) -> torch.Tensor:
+    n, m = x.shape
+    if m <= max_values:
+        count, length, step = int(m > 0), m, 0
+    else:
+        count, length, step = blocks, max_values // blocks, m // blocks
+    if count == 0:
+        return torch.zeros(n, dtype=torch.float64, device=x.device)
+    runs = _row_runs(x, count, length, step).double()
+    return runs.square().sum((1, 2)) * (m / (count * length))
+
+
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
                num_samples: int, sample_size: int, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:

@@ -88,6 +88,27 @@ inline void check_batch_norm_coef(const at::Tensor& coef, const at::Tensor& xh) 
               xh.size(1), ") on the device of xh");
 }
 
+inline void check_row_stats_input(const at::Tensor& x) {
+  check_float_dtype(x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
+              "actnn_mm: the allocator's statistics expect a contiguous (N, M) tensor");
+}
+
+inline void check_mean_square_range_args(const at::Tensor& x, int64_t group_size,
+                                         int64_t max_groups) {
+  check_row_stats_input(x);
+  TORCH_CHECK(group_size > 0 && max_groups > 0,
+              "actnn_mm: mean_square_range needs a positive group_size and max_groups, got ",
+              group_size, " and ", max_groups);
+}
+
+inline void check_sum_of_squares_args(const at::Tensor& x, int64_t max_values, int64_t blocks) {
+  check_row_stats_input(x);
+  TORCH_CHECK(blocks > 0 && max_values >= blocks,
+              "actnn_mm: sum_of_squares needs 0 < blocks <= max_values, got ", blocks, " and ",
+              max_values);
+}
+
 inline int64_t num_groups(int64_t sample_size, int64_t group_size) {
   return (sample_size + group_size - 1) / group_size;
 }

@@ -205,6 +205,32 @@ ACTNN_HD int64_t window_index(const Window& w, int64_t oh, int64_t ow, int64_t o
          j * w.dil_w;
 }
 
+// The values of a row of `m` that the adaptive allocator's statistics read: `count` runs of `len`
+// values, run k starting at value k * step (see the mean_square_range and sum_of_squares schemas).
+struct RowSample {
+  int64_t count, len, step;
+};
+
+// Every ceil(G / max_groups)-th of the row's G full groups; a row shorter than one group whole.
+ACTNN_HD RowSample range_sample(int64_t m, int64_t group_size, int64_t max_groups) {
+  const int64_t full = m / group_size;
+  if (full == 0) return RowSample{m > 0 ? 1 : 0, m, 0};
+  const int64_t stride = (full + max_groups - 1) / max_groups;
+  return RowSample{(full + stride - 1) / stride, group_size, stride * group_size};
+}
+
+// `blocks` blocks of max_values / blocks values spread evenly; a row of at most max_values whole.
+ACTNN_HD RowSample squares_sample(int64_t m, int64_t max_values, int64_t blocks) {
+  if (m <= max_values) return RowSample{m > 0 ? 1 : 0, m, 0};
+  return RowSample{blocks, max_values / blocks, m / blocks};
+}
+
+// A group's term of mean_square_range: its range squared, in double.
+ACTNN_HD double squared_range(float lo, float hi) {
+  const double d = double(hi - lo);
+  return d * d;
+}
+
 // Bit of pack_positive: whether the value is > 0 (a NaN is not).
 ACTNN_HD uint32_t positive_bit(float value) { return value > 0.f ? 1u : 0u; }
 

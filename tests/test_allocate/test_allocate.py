@@ -95,6 +95,12 @@ def test_group_range_term():
     assert torch.allclose(mean_square_range(cl, 64), mean_square_range(
         cl.permute(0, 2, 3, 1).contiguous(), 64))
     assert mean_square_range(torch.randn(0, 5), 8).shape == (0,)
+    # not dense (copied to contiguous first) and float64 (read as float32)
+    strided = torch.randn(6, 40, 30)[::2, 3:, ::2]
+    for x in (strided, strided.double(), strided.transpose(1, 2)):
+        assert torch.allclose(mean_square_range(x, 16),
+                              mean_square_range(x.contiguous().float(), 16))
+        assert torch.allclose(sum_of_squares(x), x.double().pow(2).sum((1, 2)))
 
 
 def test_estimates_from_evenly_spread_subsets():

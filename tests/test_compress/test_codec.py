@@ -570,6 +570,96 @@ def test_batch_norm_ops_cuda_match_cpu(dtype):
     assert torch.equal(gpu.cpu(), cpu)
 
 
+# (rows, values per row, group_size, max_groups, max_values, blocks) of the allocator's statistics:
+# many groups (sampled with a stride), a few (all read), a short row (one partial group), rows
+# below and above max_values, an empty row and an empty batch.
+ROW_STATS = [(16, 256 * 200 + 13, 256, 64, 16384, 16), (4, 1000, 64, 64, 16384, 16),
+             (3, 100, 256, 64, 16384, 16), (5, 40000, 8, 7, 1000, 3), (2, 0, 8, 64, 16384, 16),
+             (0, 7, 8, 64, 16384, 16)]
+
+
+def _row_stats(x, case):
+    *_, group_size, max_groups, max_values, blocks = case
+    return (torch.ops.actnn_mm.mean_square_range(x, group_size, max_groups),
+            torch.ops.actnn_mm.sum_of_squares(x, max_values, blocks),
+            reference.mean_square_range(x, group_size, max_groups),
+            reference.sum_of_squares(x, max_values, blocks))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('case', ROW_STATS)
+def test_allocator_statistics_match_reference(dtype, case):
+    rows, m = case[:2]
+    x = (torch.randn(rows, m, generator=torch.Generator().manual_seed(0)) *
+         torch.logspace(-2, 2, max(rows, 1))[:rows, None]).to(dtype)
+    ranges, squares, want_ranges, want_squares = _row_stats(x, case)
+    assert ranges.shape == squares.shape == (rows,) and ranges.dtype == torch.float64
+    torch.testing.assert_close(ranges, want_ranges, rtol=1e-9, atol=0)
+    torch.testing.assert_close(squares, want_squares, rtol=1e-5, atol=0)  # float32 sums by run
+
+
+def test_allocator_statistics_read_the_planned_values():
+    # 130 groups of 8, at most 64 read: every third (0, 3, ..., 129), whose ranges are 0..129.
+    x = torch.zeros(1, 130 * 8)
+    x.view(130, 8)[:, 0] = torch.arange(130.0)
+    want = sum(float(k * k) for k in range(0, 130, 3)) / 44
+    assert reference.mean_square_range(x, 8, 64).item() == pytest.approx(want)
+    # 3 blocks of 333 values at 0, 1000, 2000 of 3001 values, scaled by 3001 / 999
+    y = torch.full((1, 3001), 5.0)
+    for start in (0, 1000, 2000):
+        y[0, start:start + 333] = 1.0
+    assert reference.sum_of_squares(y, 1000, 3).item() == pytest.approx(3001.0)
+    if extension_loaded():
+        assert torch.ops.actnn_mm.mean_square_range(x, 8, 64).item() == pytest.approx(want)
+        assert torch.ops.actnn_mm.sum_of_squares(y, 1000, 3).item() == pytest.approx(3001.0)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_allocator_statistics_reveal_non_finite_rows(bad):
+    x = torch.randn(3, 2048)
+    x[1, 5] = bad  # in the first group and block, which are always read
+    ranges, squares, want_ranges, want_squares = _row_stats(x, ROW_STATS[0])
+    for stats in (ranges, squares, want_ranges, want_squares):
+        assert stats.isfinite().tolist() == [True, False, True]
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_allocator_statistics_check_and_opcheck():
+    x = torch.randn(4, 300)
+    with pytest.raises(RuntimeError, match=r'contiguous \(N, M\)'):
+        torch.ops.actnn_mm.mean_square_range(x.t(), 8, 4)
+    with pytest.raises(RuntimeError, match=r'contiguous \(N, M\)'):
+        torch.ops.actnn_mm.sum_of_squares(x[None], 100, 4)
+    with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
+        torch.ops.actnn_mm.mean_square_range(x.double(), 8, 4)
+    with pytest.raises(RuntimeError, match='positive group_size and max_groups'):
+        torch.ops.actnn_mm.mean_square_range(x, 0, 4)
+    with pytest.raises(RuntimeError, match='0 < blocks <= max_values'):
+        torch.ops.actnn_mm.sum_of_squares(x, 3, 4)
+    torch.library.opcheck(torch.ops.actnn_mm.mean_square_range, (x, 32, 4))
+    torch.library.opcheck(torch.ops.actnn_mm.sum_of_squares, (x, 100, 4))
+
+
+def test_allocator_statistics_with_the_reference(monkeypatch):
+    x = torch.randn(4, 3000)
+    monkeypatch.setattr(ops, '_C', None)
+    monkeypatch.setattr(ops, '_IMPORT_ERROR', ImportError('not built'), raising=False)
+    monkeypatch.setattr(ops, '_warned', True)
+    assert torch.equal(ops.mean_square_range(x, 64, 8), reference.mean_square_range(x, 64, 8))
+    assert torch.equal(ops.sum_of_squares(x, 1000, 4), reference.sum_of_squares(x, 1000, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('case', ROW_STATS)
+def test_allocator_statistics_cuda_match_cpu(dtype, case):
+    x = torch.randn(*case[:2]).to(dtype)
+    for got, want in zip(_row_stats(x.cuda(), case)[:2], _row_stats(x, case)[:2]):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0)
+
+
 # (kernel, stride, padding, dilation, ceil_mode) of max poolings
 WINDOWS = [((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
            ((3, 2), (1, 2), (1, 0), (2, 3), True), ((5, 5), (3, 3), (2, 2), (1, 1), False),
