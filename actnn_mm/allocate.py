@@ -63,13 +63,11 @@ def allocate(sensitivity: Floats, cost: Floats, budget: float) -> torch.Tensor:
     """
     if budget < 1:
         raise ValueError(f'actnn_mm: the average bit budget must be at least 1, got {budget}')
-    if not isinstance(sensitivity, torch.Tensor) and len(sensitivity) <= _FEW_ITEMS:
-        return _allocate_few([float(s) for s in sensitivity], [float(c) for c in cost], budget)
+    k = sensitivity.numel() if isinstance(sensitivity, torch.Tensor) else len(sensitivity)
+    if k <= _FEW_ITEMS:
+        return _allocate_few(_float_list(sensitivity), _float_list(cost), budget)
     sensitivity = torch.as_tensor(sensitivity).detach().to('cpu', torch.float64).flatten()
     cost = torch.as_tensor(cost).detach().to('cpu', torch.float64).flatten()
-    k = sensitivity.numel()
-    if k <= _FEW_ITEMS:
-        return _allocate_few(sensitivity.tolist(), cost.tolist(), budget)
     widths = torch.tensor(BITS, dtype=torch.float64)
     # upgrades[s * k + i]: item i from BITS[s] to BITS[s + 1]; listed stage by stage so that a
     # stable sort keeps an item's upgrades in order when their ratios tie (zero sensitivity).
@@ -91,6 +89,12 @@ def allocate(sensitivity: Floats, cost: Floats, budget: float) -> torch.Tensor:
 
 # Up to this many items, allocate() sorts in plain Python (faster than torch up to about 100).
 _FEW_ITEMS = 64
+
+
+def _float_list(values: Floats) -> List[float]:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to('cpu', torch.float64).flatten().tolist()
+    return [float(v) for v in values]
 
 
 def _allocate_few(sensitivity: List[float], cost: List[float], budget: float) -> torch.Tensor:

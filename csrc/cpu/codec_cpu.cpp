@@ -728,8 +728,10 @@ at::Tensor row_stats(const at::Tensor& x, RowSample sample, double scale, Term t
         // (1.8x faster than letting each run's first read miss).
         for (int64_t k = 0; k < sample.count; ++k) {
           const char* run = reinterpret_cast<const char*>(rows + r * m + k * sample.step);
+#if defined(__GNUC__)
           for (int64_t b = 0; b < sample.len * int64_t(sizeof(scalar_t)); b += 64)
             __builtin_prefetch(run + b);
+#endif
         }
         double total = 0.0;
         for (int64_t k = 0; k < sample.count; ++k) {
