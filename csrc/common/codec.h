@@ -206,23 +206,29 @@ ACTNN_HD int64_t window_index(const Window& w, int64_t oh, int64_t ow, int64_t o
 }
 
 // The values of a row of `m` that the adaptive allocator's statistics read: `count` runs of `len`
-// values, run k starting at value k * step (see the mean_square_range and sum_of_squares schemas).
+// values, run k starting at value k * step; the statistic is `scale` times the sum of the runs'
+// terms (see the mean_square_range and sum_of_squares schemas).
 struct RowSample {
   int64_t count, len, step;
+  double scale;
 };
 
-// Every ceil(G / max_groups)-th of the row's G full groups; a row shorter than one group whole.
+// Every ceil(G / max_groups)-th of the row's G full groups (or a row shorter than one group),
+// averaged.
 ACTNN_HD RowSample range_sample(int64_t m, int64_t group_size, int64_t max_groups) {
   const int64_t full = m / group_size;
-  if (full == 0) return RowSample{m > 0 ? 1 : 0, m, 0};
+  if (full == 0) return RowSample{m > 0 ? 1 : 0, m, 0, 1.0};
   const int64_t stride = (full + max_groups - 1) / max_groups;
-  return RowSample{(full + stride - 1) / stride, group_size, stride * group_size};
+  const int64_t count = (full + stride - 1) / stride;
+  return RowSample{count, group_size, stride * group_size, 1.0 / double(count)};
 }
 
-// `blocks` blocks of max_values / blocks values spread evenly; a row of at most max_values whole.
+// `blocks` blocks of max_values / blocks values spread evenly, scaled up to the row (or a row of
+// at most max_values).
 ACTNN_HD RowSample squares_sample(int64_t m, int64_t max_values, int64_t blocks) {
-  if (m <= max_values) return RowSample{m > 0 ? 1 : 0, m, 0};
-  return RowSample{blocks, max_values / blocks, m / blocks};
+  if (m <= max_values) return RowSample{m > 0 ? 1 : 0, m, 0, 1.0};
+  const int64_t len = max_values / blocks;
+  return RowSample{blocks, len, m / blocks, double(m) / double(blocks * len)};
 }
 
 // A group's term of mean_square_range: its range squared, in double.

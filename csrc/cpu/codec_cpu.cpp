@@ -711,9 +711,9 @@ double sum_squares(const float* values, int64_t len) {
   return total;
 }
 
-// Per row of x, `scale` times the sum of term(run) over the runs `sample` picks (as float32).
+// Per row of x, the statistic of the runs `sample` picks (term: of a run, as float32).
 template <typename Term>
-at::Tensor row_stats(const at::Tensor& x, RowSample sample, double scale, Term term) {
+at::Tensor row_stats(const at::Tensor& x, RowSample sample, Term term) {
   const int64_t n = x.size(0), m = x.size(1);
   at::Tensor out = at::zeros({n}, x.options().dtype(at::kDouble));
   if (sample.count == 0) return out;
@@ -745,7 +745,7 @@ at::Tensor row_stats(const at::Tensor& x, RowSample sample, double scale, Term t
           }
           total += term(values, sample.len);
         }
-        result[r] = total * scale;
+        result[r] = total * sample.scale;
       }
     });
   });
@@ -754,8 +754,7 @@ at::Tensor row_stats(const at::Tensor& x, RowSample sample, double scale, Term t
 
 at::Tensor mean_square_range_cpu(const at::Tensor& x, int64_t group_size, int64_t max_groups) {
   check_mean_square_range_args(x, group_size, max_groups);
-  const RowSample sample = range_sample(x.size(1), group_size, max_groups);
-  return row_stats(x, sample, 1.0 / double(std::max<int64_t>(1, sample.count)),
+  return row_stats(x, range_sample(x.size(1), group_size, max_groups),
                    [](const float* values, int64_t len) {
                      float lo, hi;
                      group_range(values, len, lo, hi);
@@ -765,9 +764,7 @@ at::Tensor mean_square_range_cpu(const at::Tensor& x, int64_t group_size, int64_
 
 at::Tensor sum_of_squares_cpu(const at::Tensor& x, int64_t max_values, int64_t blocks) {
   check_sum_of_squares_args(x, max_values, blocks);
-  const RowSample sample = squares_sample(x.size(1), max_values, blocks);
-  const double read = double(std::max<int64_t>(1, sample.count * sample.len));
-  return row_stats(x, sample, double(x.size(1)) / read, &sum_squares);
+  return row_stats(x, squares_sample(x.size(1), max_values, blocks), &sum_squares);
 }
 
 // window.h's Map: rows of (plane, oh) spread over the threads.

@@ -319,10 +319,10 @@ void batch_norm_combine_cuda(at::Tensor& xh, const at::Tensor& grad, const at::T
 }
 
 // One thread per run of a row that `sample` picks: its term (kRange: the squared range, else the
-// sum of squares), times `scale`, added into the row's float64 result.
+// sum of squares, in double), scaled, added into the row's float64 statistic.
 template <bool kRange, typename scalar_t>
 __global__ void row_stats_kernel(const scalar_t* x, int64_t n, int64_t m, RowSample sample,
-                                 double scale, double* out) {
+                                 double* out) {
   ACTNN_GRID_STRIDE_LOOP(t, n * sample.count) {
     const int64_t r = t / sample.count;
     const scalar_t* run = x + r * m + t % sample.count * sample.step;
@@ -335,16 +335,15 @@ __global__ void row_stats_kernel(const scalar_t* x, int64_t n, int64_t m, RowSam
       }
       term = squared_range(lo, hi);
     } else {
-      float sum = 0.f;
-      for (int64_t j = 0; j < sample.len; ++j) sum += float(run[j]) * float(run[j]);
-      term = sum;
+      term = 0.0;
+      for (int64_t j = 0; j < sample.len; ++j) term += double(float(run[j]) * float(run[j]));
     }
-    atomicAdd(out + r, term * scale);
+    atomicAdd(out + r, term * sample.scale);
   }
 }
 
 template <bool kRange>
-at::Tensor launch_row_stats(const at::Tensor& x, RowSample sample, double scale) {
+at::Tensor launch_row_stats(const at::Tensor& x, RowSample sample) {
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::zeros({x.size(0)}, x.options().dtype(at::kDouble));
   const int64_t threads = x.size(0) * sample.count;
@@ -352,8 +351,7 @@ at::Tensor launch_row_stats(const at::Tensor& x, RowSample sample, double scale)
   ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_row_stats_cuda", [&] {
     row_stats_kernel<kRange, scalar_t><<<blocks_for(threads), kThreads, 0,
                                          c10::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), sample, scale,
-        out.data_ptr<double>());
+        x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), sample, out.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -361,15 +359,12 @@ at::Tensor launch_row_stats(const at::Tensor& x, RowSample sample, double scale)
 
 at::Tensor mean_square_range_cuda(const at::Tensor& x, int64_t group_size, int64_t max_groups) {
   check_mean_square_range_args(x, group_size, max_groups);
-  const RowSample sample = range_sample(x.size(1), group_size, max_groups);
-  return launch_row_stats<true>(x, sample, 1.0 / double(std::max<int64_t>(1, sample.count)));
+  return launch_row_stats<true>(x, range_sample(x.size(1), group_size, max_groups));
 }
 
 at::Tensor sum_of_squares_cuda(const at::Tensor& x, int64_t max_values, int64_t blocks) {
   check_sum_of_squares_args(x, max_values, blocks);
-  const RowSample sample = squares_sample(x.size(1), max_values, blocks);
-  const double read = double(std::max<int64_t>(1, sample.count * sample.len));
-  return launch_row_stats<false>(x, sample, double(x.size(1)) / read);
+  return launch_row_stats<false>(x, squares_sample(x.size(1), max_values, blocks));
 }
 
 // out = window_offset (kToOffsets) or window_index of each element of a contiguous (P, OH, OW, K)
