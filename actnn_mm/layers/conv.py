@@ -5,7 +5,8 @@ pass holds an output-sized buffer more than its output, the backward pass about 
 buffers more than the dequantized input and the gradients. For layers whose activations outweigh
 the weight, the backward pass therefore runs in channels_last, which oneDNN computes without
 reordering (its input gradient stays channels_last), and the forward pass of those with a large
-output over slices of the batch.
+output over slices of the batch. A lighter convolution reading the same input as such a layer
+returns its input gradient channels_last too (:class:`_Readers`).
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -61,6 +62,27 @@ def _convolution(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out
 
 
+class _Readers:
+    """What the ActNN convolutions reading one tensor share: whether one of them returns its input
+    gradient channels_last. Then they all do, so that autograd sums their gradients in one layout
+    (an in-place add across layouts takes twice as long, and an NCHW sum would be copied to
+    channels_last by each heavy convolution it reaches further down, e.g. all of a ResNet stage
+    when the next stage's downsample convolution is light)."""
+
+    __slots__ = ('channels_last',)
+
+    def __init__(self) -> None:
+        self.channels_last = False
+
+
+def _readers(x: torch.Tensor) -> _Readers:
+    """The :class:`_Readers` of ``x``, kept on the tensor (its readers see the same object)."""
+    readers = getattr(x, '_actnn_conv_readers', None)
+    if readers is None:
+        readers = x._actnn_conv_readers = _Readers()
+    return readers
+
+
 def made_by_conv(t: torch.Tensor) -> bool:
     """Whether ``t`` is the output of an ActNN convolution (plain or transposed)."""
     return isinstance(t.grad_fn, _ConvFunction._backward_cls)
@@ -87,6 +109,8 @@ class _ConvFunction(torch.autograd.Function):
         # copied, so it keeps torch's path
         ctx.channels_last = (not transposed and not ctx.actnn_plain
                              and _activation_heavy(padded.shape, out.numel(), weight, out.device))
+        ctx.readers = _readers(x)
+        ctx.readers.channels_last |= ctx.channels_last
         ctx.input_shape = x.shape
         ctx.padded_shape = padded.shape
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -112,6 +136,8 @@ class _ConvFunction(torch.autograd.Function):
                 grad, padded, weight, ctx.bias_sizes, *ctx.args, needs)
         if grad_x is not None and ctx.pre_pad is not None:
             grad_x = _pad_vjp(grad_x, ctx.input_shape, ctx.pre_pad, ctx.pad_mode)
+        if grad_x is not None and ctx.readers.channels_last and grad_x.dim() == 4:
+            grad_x = grad_x.contiguous(memory_format=torch.channels_last)
         return (grad_x, grad_w, grad_b) + (None,) * 9
 
 

@@ -226,3 +226,43 @@ def test_channels_last_backward_matches_torch(needs):
     if needs != 'input':
         assert_close_grads({'weight': got[1], 'bias': got[2]},
                            {'weight': want[1], 'bias': want[2]}, rtol=3e-2)
+
+
+
+def _as_q(module: nn.Conv2d) -> nn.Conv2d:
+    q = copy.deepcopy(module)
+    q.__class__ = actnn_mm.QConv2d
+    return q
+
+
+
+@pytest.mark.parametrize('heavy_first', [True, False])
+def test_readers_of_one_input_return_one_layout(heavy_first):
+    # a light convolution (weights outweigh activations: NCHW backward) reading the same tensor as
+    # a heavy one (channels_last backward) returns its input gradient channels_last too, so that
+    # autograd sums the two in one layout; the values are torch's
+    heavy, light = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 64, 7, stride=6)
+    weights = {heavy: torch.randn(5, 6, 12, 12), light: torch.randn(5, 64, 2, 2)}
+
+    def input_grad(modules, quantized):
+        leaf = torch.randn(5, 4, 12, 12, generator=torch.Generator().manual_seed(0),
+                           requires_grad=True)
+        x = leaf * 1.0  # not a leaf: its hook sees the sum autograd made
+        seen = []
+        x.register_hook(seen.append)
+        with settings('L2', activation_compression_bits=[8]):
+            sum(((_as_q(m) if quantized else m)(x) * weights[m]).sum() for m in modules).backward()
+        return seen[0]
+
+    order = [heavy, light] if heavy_first else [light, heavy]
+    got, want = input_grad(order, True), input_grad(order, False)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # read by no heavy ActNN convolution, the light one keeps torch's layout
+    assert input_grad([light], True).is_contiguous()
+
+
+def _as_q(module: nn.Conv2d) -> nn.Conv2d:
+    q = copy.deepcopy(module)
+    q.__class__ = actnn_mm.QConv2d
+    return q
