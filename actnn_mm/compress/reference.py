@@ -5,7 +5,7 @@ It implements the two ops ``actnn_mm::quantize`` and ``actnn_mm::dequantize`` (s
 operation, so its output equals the kernels' bit for bit. 32-bit unsigned arithmetic is done in
 int64 tensors with explicit masks (torch has no full uint32 arithmetic).
 """
-from typing import List, Tuple, Union
+from typing import Callable, List, Tuple, Union
 
 import torch
 
@@ -210,36 +210,44 @@ def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor)
     xh.copy_(a * xh.float() + b * grad.float() + c)
 
 
-def _row_runs(x: torch.Tensor, count: int, length: int, step: int) -> torch.Tensor:
-    """(N, count, length) float32 view of runs of ``length`` values every ``step`` in each row."""
-    return x.as_strided((x.shape[0], count, length), (x.stride(0), step, 1),
-                        x.storage_offset()).float()
+RowSample = Tuple[int, int, int, float]  # count, len, step, scale: codec.h's RowSample
+
+
+def range_sample(m: int, group_size: int, max_groups: int) -> RowSample:
+    full = m // group_size
+    if full == 0:
+        return int(m > 0), m, 0, 1.0
+    stride = -(-full // max_groups)
+    count = -(-full // stride)
+    return count, group_size, stride * group_size, 1.0 / count
+
+
+def squares_sample(m: int, max_values: int, blocks: int) -> RowSample:
+    if m <= max_values:
+        return int(m > 0), m, 0, 1.0
+    length = max_values // blocks
+    return blocks, length, m // blocks, m / (blocks * length)
+
+
+def _row_stats(x: torch.Tensor, sample: RowSample,
+               term: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per row of ``x``: ``scale`` times the sum of ``term`` over its (N, count, length) float32
+    runs."""
+    count, length, step, scale = sample
+    if count == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    runs = x.as_strided((x.shape[0], count, length), (x.stride(0), step, 1), x.storage_offset())
+    return term(runs.float()).sum(1) * scale
 
 
 def mean_square_range(x: torch.Tensor, group_size: int, max_groups: int) -> torch.Tensor:
-    n, m = x.shape
-    full = m // group_size
-    if full == 0:  # a row shorter than one group: the row
-        count, length, step = int(m > 0), m, 0
-    else:
-        stride = -(-full // max_groups)
-        count, length, step = -(-full // stride), group_size, stride * group_size
-    if count == 0:
-        return torch.zeros(n, dtype=torch.float64, device=x.device)
-    runs = _row_runs(x, count, length, step)
-    return (runs.amax(2) - runs.amin(2)).double().square().mean(1)
+    return _row_stats(x, range_sample(x.shape[1], group_size, max_groups),
+                      lambda runs: (runs.amax(2) - runs.amin(2)).double().square())
 
 
 def sum_of_squares(x: torch.Tensor, max_values: int, blocks: int) -> torch.Tensor:
-    n, m = x.shape
-    if m <= max_values:
-        count, length, step = int(m > 0), m, 0
-    else:
-        count, length, step = blocks, max_values // blocks, m // blocks
-    if count == 0:
-        return torch.zeros(n, dtype=torch.float64, device=x.device)
-    runs = _row_runs(x, count, length, step).double()
-    return runs.square().sum((1, 2)) * (m / (count * length))
+    return _row_stats(x, squares_sample(x.shape[1], max_values, blocks),
+                      lambda runs: runs.double().square().sum(2))
 
 
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
