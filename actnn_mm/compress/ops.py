@@ -1,13 +1,17 @@
 """The codec ops: the compiled kernels when ``actnn_mm._C`` is built, else the reference.
 
 The schemas are defined once in C++ (``csrc/actnn.cpp``); this module registers their shape
-(fake) implementations so the ops trace, and picks a backend per device: the extension for the
-devices it was built for, the pure-PyTorch reference (with one warning) for the others.
+(fake) implementations so the ops trace, and picks a backend per call from the device of its
+first tensor: the extension serves the CPU and, when built with CUDA, CUDA devices, and tensors
+without values (meta or fake tensors, through the fake implementations, on any device); any other
+device (mps, xpu, CUDA without a CUDA build, ...) or a missing extension falls back to the
+pure-PyTorch reference, with one warning.
 """
 import warnings
 from typing import List, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 
@@ -23,10 +27,21 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
-def _extension_serves(device: torch.device) -> bool:
+def _kernel_device_types() -> Tuple[str, ...]:
+    """The device types the extension has kernels for."""
+    return ('cpu', 'cuda') if _C is not None and _C.with_cuda else ('cpu',)
+
+
+_KERNEL_DEVICE_TYPES = _kernel_device_types()
+
+
+def _extension_serves(t: torch.Tensor) -> bool:
+    """Whether the extension runs an op whose first tensor is ``t``: one on a device it has
+    kernels for, or one without values (its fake implementation runs, whatever the device)."""
     if _C is None:
         return False
-    return device.type != 'cuda' or bool(_C.with_cuda)
+    device_type = t.device.type
+    return device_type in _KERNEL_DEVICE_TYPES or device_type == 'meta' or is_fake(t)
 
 
 _warned = False
@@ -35,8 +50,12 @@ _warned = False
 def _warn_fallback(device: torch.device) -> None:
     global _warned
     if not _warned:
-        why = (f'the extension failed to import ({_IMPORT_ERROR})' if _C is None else
-               'the extension was built without CUDA (rebuild with FORCE_CUDA=1)')
+        if _C is None:
+            why = f'the extension failed to import ({_IMPORT_ERROR})'
+        elif device.type == 'cuda':
+            why = 'the extension was built without CUDA (rebuild with FORCE_CUDA=1)'
+        else:
+            why = f'the extension has kernels for {" and ".join(_KERNEL_DEVICE_TYPES)} only'
         warnings.warn(f'actnn_mm: using the slow pure-PyTorch codec on {device}: {why}.',
                       stacklevel=3)
         _warned = True
@@ -106,7 +125,7 @@ if _C is not None:
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
              seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    if _extension_serves(x.device):
+    if _extension_serves(x):
         return torch.ops.actnn_mm.quantize(x, bits, offsets, group_size, seed, stochastic,
                                            total_bytes)
     _warn_fallback(x.device)
@@ -116,7 +135,7 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
 def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
                num_samples: int, sample_size: int, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:
-    if _extension_serves(data.device):
+    if _extension_serves(data):
         return torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, num_samples, sample_size,
                                              group_size, dtype)
     _warn_fallback(data.device)
@@ -129,7 +148,7 @@ def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Te
                           group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize` of samples quantized as (rows, cols) matrices, each transposed:
     (num_samples, cols, rows)."""
-    if _extension_serves(data.device):
+    if _extension_serves(data):
         return torch.ops.actnn_mm.dequantize_transposed(data, meta, bits, offsets, num_samples,
                                                         rows, cols, group_size, dtype)
     _warn_fallback(data.device)
@@ -139,7 +158,7 @@ def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Te
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Contiguous uint8/bool ``values`` below ``2**bits`` packed ``8 // bits`` per byte."""
-    if _extension_serves(values.device):
+    if _extension_serves(values):
         return torch.ops.actnn_mm.pack_bits(values, bits)
     _warn_fallback(values.device)
     return reference.pack_bits(values, bits)
@@ -147,7 +166,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The ``numel`` uint8 values :func:`pack_bits` packed."""
-    if _extension_serves(packed.device):
+    if _extension_serves(packed):
         return torch.ops.actnn_mm.unpack_bits(packed, bits, numel)
     _warn_fallback(packed.device)
     return reference.unpack_bits(packed, bits, numel)
@@ -155,7 +174,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 def pack_positive(values: torch.Tensor) -> torch.Tensor:
     """``pack_bits(values > 0, 1)`` in one pass; ``values`` contiguous float."""
-    if _extension_serves(values.device):
+    if _extension_serves(values):
         return torch.ops.actnn_mm.pack_positive(values)
     _warn_fallback(values.device)
     return reference.pack_positive(values)
@@ -164,7 +183,7 @@ def pack_positive(values: torch.Tensor) -> torch.Tensor:
 def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``values * scale`` where the 1-bit packed ``mask`` (one bit per value, in memory order) is
     set, 0 elsewhere; ``values`` contiguous."""
-    if _extension_serves(values.device):
+    if _extension_serves(values):
         return torch.ops.actnn_mm.apply_mask(values, mask, scale)
     _warn_fallback(values.device)
     return reference.apply_mask(values, mask, scale)
@@ -173,7 +192,7 @@ def apply_mask(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.
 def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`apply_mask` of contiguous (N, cols, rows) ``values`` whose mask holds the bits of
     N (rows, cols) matrices."""
-    if _extension_serves(values.device):
+    if _extension_serves(values):
         return torch.ops.actnn_mm.apply_mask_transposed(values, mask, scale)
     _warn_fallback(values.device)
     return reference.apply_mask_transposed(values, mask, scale)
@@ -182,7 +201,7 @@ def apply_mask_transposed(values: torch.Tensor, mask: torch.Tensor, scale: float
 def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
     """float32 (3, channels) sums of ``grad``, ``grad * xh`` and ``xh * xh`` per channel of
     contiguous (rows, channels) tensors."""
-    if _extension_serves(xh.device):
+    if _extension_serves(xh):
         return torch.ops.actnn_mm.batch_norm_sums(grad, xh)
     _warn_fallback(xh.device)
     return reference.batch_norm_sums(grad, xh)
@@ -191,7 +210,7 @@ def batch_norm_sums(grad: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
 def batch_norm_combine(xh: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
     """``xh = coef[0] * xh + coef[1] * grad + coef[2]`` per channel of contiguous (rows,
     channels) tensors, in place."""
-    if _extension_serves(xh.device):
+    if _extension_serves(xh):
         torch.ops.actnn_mm.batch_norm_combine(xh, grad, coef)
         return
     _warn_fallback(xh.device)
@@ -202,7 +221,7 @@ def mean_square_range(x: torch.Tensor, group_size: int, max_groups: int) -> torc
     """float64 per row of a contiguous (N, M) float ``x``: the mean of ``(max - min) ** 2`` over
     every ``ceil(G / max_groups)``-th of the row's ``G`` full groups of ``group_size`` values (a row
     shorter than one group: over the row)."""
-    if _extension_serves(x.device):
+    if _extension_serves(x):
         return torch.ops.actnn_mm.mean_square_range(x, group_size, max_groups)
     _warn_fallback(x.device)
     return reference.mean_square_range(x, group_size, max_groups)
@@ -212,7 +231,7 @@ def sum_of_squares(x: torch.Tensor, max_values: int, blocks: int) -> torch.Tenso
     """float64 per row of a contiguous (N, M) float ``x``: its sum of squares, estimated from
     ``blocks`` blocks of ``max_values // blocks`` values starting every ``M // blocks`` values
     (exact for rows of at most ``max_values``)."""
-    if _extension_serves(x.device):
+    if _extension_serves(x):
         return torch.ops.actnn_mm.sum_of_squares(x, max_values, blocks)
     _warn_fallback(x.device)
     return reference.sum_of_squares(x, max_values, blocks)
@@ -224,7 +243,7 @@ def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride:
     a max pooling: contiguous int64 (P, OH, OW, K) ``indices`` into input planes ``width`` wide,
     output position (oh, ow) at dims 1 and 2; kernel, stride, padding, dilation as (rows,
     columns); ``dtype`` uint8 (windows of up to 256 positions) or int32."""
-    if _extension_serves(indices.device):
+    if _extension_serves(indices):
         return torch.ops.actnn_mm.window_offsets(indices, width, kernel, stride, padding,
                                                  dilation, dtype)
     _warn_fallback(indices.device)
@@ -234,7 +253,7 @@ def window_offsets(indices: torch.Tensor, width: int, kernel: List[int], stride:
 def window_indices(offsets: torch.Tensor, width: int, kernel: List[int], stride: List[int],
                    padding: List[int], dilation: List[int]) -> torch.Tensor:
     """Inverse of :func:`window_offsets`: the int64 indices."""
-    if _extension_serves(offsets.device):
+    if _extension_serves(offsets):
         return torch.ops.actnn_mm.window_indices(offsets, width, kernel, stride, padding,
                                                  dilation)
     _warn_fallback(offsets.device)

@@ -23,6 +23,9 @@
 
 namespace actnn {
 
+// ceil(a / b) for a >= 0 and b > 0, without the overflow of (a + b - 1) / b near 2^63.
+ACTNN_HD int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
+
 ACTNN_HD uint32_t float_bits(float f) {
 #ifdef __CUDA_ARCH__
   return __float_as_uint(f);
@@ -218,8 +221,8 @@ struct RowSample {
 ACTNN_HD RowSample range_sample(int64_t m, int64_t group_size, int64_t max_groups) {
   const int64_t full = m / group_size;
   if (full == 0) return RowSample{m > 0 ? 1 : 0, m, 0, 1.0};
-  const int64_t stride = (full + max_groups - 1) / max_groups;
-  const int64_t count = (full + stride - 1) / stride;
+  const int64_t stride = ceil_div(full, max_groups);
+  const int64_t count = ceil_div(full, stride);
   return RowSample{count, group_size, stride * group_size, 1.0 / double(count)};
 }
 
@@ -235,6 +238,22 @@ ACTNN_HD RowSample squares_sample(int64_t m, int64_t max_values, int64_t blocks)
 ACTNN_HD double squared_range(float lo, float hi) {
   const double d = double(hi - lo);
   return d * d;
+}
+
+// A run's term of sum_of_squares is added up in a fixed order on every backend: 32 float32
+// partial sums (lane l: values l, l + 32, ... of the run's first len / 32 * 32; vector lanes on
+// the CPU, a warp's lanes on CUDA), added in order in double, then the squares of the last
+// len % 32 values, in order, in double. (The reference sums every square in double; the tests
+// allow for the difference.)
+constexpr int kSquaresLanes = 32;
+
+// batch_norm_sums adds up each chunk of this many consecutive rows in double (row by row, from
+// 0), then the chunks' sums in order: the same sums, bit for bit, on every backend and whatever
+// the number of threads. At most 512 chunks (a short second pass), of at least 32 rows (their
+// float64 partial sums stay small beside the input).
+ACTNN_HD int64_t batch_norm_chunk_rows(int64_t rows) {
+  const int64_t rows_per_chunk = ceil_div(rows, 512);
+  return rows_per_chunk > 32 ? rows_per_chunk : 32;
 }
 
 // Bit of pack_positive: whether the value is > 0 (a NaN is not).

@@ -22,6 +22,13 @@ inline Window make_window(int64_t width, at::IntArrayRef kernel, at::IntArrayRef
                   dilation[1] > 0,
               "actnn_mm: window ops expect a positive width and pairs of positive kernel, "
               "stride and dilation and of non-negative padding");
+  // Below 2^31 each, the positions computed from them (products of two) cannot overflow int64.
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  const bool small = width < kLimit && kernel[0] < kLimit && kernel[1] < kLimit &&
+                     stride[0] < kLimit && stride[1] < kLimit && padding[0] < kLimit &&
+                     padding[1] < kLimit && dilation[0] < kLimit && dilation[1] < kLimit;
+  TORCH_CHECK(small, "actnn_mm: window ops expect width, kernel, stride, padding and dilation "
+              "below 2^31");
   return Window{width, kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0],
                 dilation[1], 1.0 / double(width), 1.0 / double(kernel[1]),
                 1.0 / double(dilation[0]), 1.0 / double(dilation[1])};
@@ -31,8 +38,8 @@ inline void check_window_offsets_args(const at::Tensor& indices, at::ScalarType 
                                       at::IntArrayRef kernel) {
   TORCH_CHECK(indices.dim() == 4 && indices.is_contiguous() && indices.scalar_type() == at::kLong,
               "actnn_mm: window_offsets expects contiguous int64 (P, OH, OW, K) indices");
-  TORCH_CHECK(dtype == at::kInt || (dtype == at::kByte && kernel.size() == 2 &&
-                                    kernel[0] * kernel[1] <= 256),
+  TORCH_CHECK(dtype == at::kInt || (dtype == at::kByte && kernel.size() == 2 && kernel[0] > 0 &&
+                                    kernel[0] <= 256 && kernel[1] <= 256 / kernel[0]),
               "actnn_mm: window_offsets returns int32, or uint8 for windows of at most 256");
 }
 

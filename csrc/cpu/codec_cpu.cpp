@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -17,20 +16,6 @@
 
 namespace actnn {
 namespace {
-
-// Reading offsets and bits is cheap on the CPU, so the CPU kernels also check that the stream
-// layout they are given is one the format allows.
-void check_stream_values(const uint8_t* bits, const int64_t* offsets, int64_t n,
-                         int64_t sample_size, int64_t total_bytes) {
-  for (int64_t i = 0; i < n; ++i) {
-    int b = bits[i];
-    TORCH_CHECK(b == 1 || b == 2 || b == 4 || b == 8, "actnn_mm: bit width ", b,
-                " of sample ", i, " is not one of 1, 2, 4, 8");
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i + 1] - offsets[i] >= (sample_size * b + 7) / 8,
-                "actnn_mm: offsets leave sample ", i, " too little room");
-  }
-  TORCH_CHECK(offsets[n] <= total_bytes, "actnn_mm: offsets point past the data");
-}
 
 // The hot loops are also compiled for AVX-512 (x86-64-v4) and AVX2 and picked at run time: the
 // same IEEE operations in every build, so the same bits.
@@ -178,8 +163,9 @@ void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offs
                      int64_t sample_size, int64_t group_size, int64_t begin, int64_t end,
                      RngKey key, bool stochastic, uint8_t* data, uint16_t* meta) {
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
-  std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : group_size);
-  std::vector<uint8_t> levels(group_size);
+  const int64_t longest = std::min(group_size, sample_size);  // group_size may be huge
+  std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : longest);
+  std::vector<uint8_t> levels(longest);
   for (int64_t group = begin; group < end; ++group) {
     const int64_t n = group / groups_per_sample;
     const int64_t start = (group % groups_per_sample) * group_size;
@@ -214,13 +200,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const at::T
                                                 const at::Tensor& offsets, int64_t group_size,
                                                 int64_t seed, bool stochastic,
                                                 int64_t total_bytes) {
-  check_quantize_args(x, bits, offsets, group_size);
+  check_quantize_args(x, bits, offsets, group_size, total_bytes);
   const int64_t n = x.size(0), sample_size = x.size(1);
-  check_stream_values(bits.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), n, sample_size,
-                      total_bytes);
+  check_stream_values(bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), n,
+                      sample_size, total_bytes);
 
   const int64_t groups = n * num_groups(sample_size, group_size);
-  // Bytes between samples' streams (none unless the caller padded) are zeroed, never left stale.
+  // Slack bytes (between samples' streams or after the last) are zeroed, never left stale.
   at::Tensor data = at::zeros({total_bytes}, x.options().dtype(at::kByte));
   at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
   const RngKey key = rng_key(uint64_t(seed));
@@ -659,26 +645,31 @@ void combine_rows(float* x, const float* g, int64_t begin, int64_t end, int64_t 
   combine_rows_impl(x, g, begin, end, channels, coef);
 }
 
-// Per thread, sums over its rows, added up in double under a lock.
+// Chunks of rows summed in parallel, then added up in order (codec.h's batch_norm_chunk_rows):
+// the same bits whatever the number of threads, and the same as the CUDA kernel's.
 at::Tensor batch_norm_sums_cpu(const at::Tensor& grad, const at::Tensor& xh) {
   check_batch_norm_args(grad, xh);
   const int64_t rows = xh.size(0), channels = xh.size(1);
-  std::vector<double> total(3 * channels, 0.0);
+  const int64_t chunk_rows = batch_norm_chunk_rows(rows);
+  const int64_t chunks = ceil_div(rows, chunk_rows);
+  std::vector<double> partial(chunks * 3 * channels, 0.0);
   ACTNN_DISPATCH_FLOAT(xh.scalar_type(), "actnn_batch_norm_sums", [&] {
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const scalar_t* x = xh.const_data_ptr<scalar_t>();
-    std::mutex lock;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, channels)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<double> sums(3 * channels, 0.0);
-      add_row_sums(g, x, begin, end, channels, sums.data());
-      const std::lock_guard<std::mutex> guard(lock);
-      for (int64_t k = 0; k < 3 * channels; ++k) total[k] += sums[k];
+    const int64_t grain =
+        std::max<int64_t>(1, 16384 / std::max<int64_t>(1, chunk_rows * channels));
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        add_row_sums(g, x, k * chunk_rows, std::min(rows, (k + 1) * chunk_rows), channels,
+                     partial.data() + k * 3 * channels);
     });
   });
+  std::vector<double> total(3 * channels, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t i = 0; i < 3 * channels; ++i) total[i] += partial[k * 3 * channels + i];
   at::Tensor sums = at::empty({3, channels}, xh.options().dtype(at::kFloat));
   float* out = sums.data_ptr<float>();
-  for (int64_t k = 0; k < 3 * channels; ++k) out[k] = float(total[k]);
+  for (int64_t i = 0; i < 3 * channels; ++i) out[i] = float(total[i]);
   return sums;
 }
 
@@ -696,11 +687,11 @@ void batch_norm_combine_cpu(at::Tensor& xh, const at::Tensor& grad, const at::Te
   });
 }
 
-// Sum of squares of a run, in 32 float32 lanes (independent sums the compiler vectorizes) added
-// up in double.
+// Sum of squares of a run in codec.h's order: kSquaresLanes float32 lanes (independent sums the
+// compiler vectorizes) added up in double, then the tail.
 ACTNN_CPU_CLONES
 double sum_squares(const float* values, int64_t len) {
-  constexpr int kLanes = 32;
+  constexpr int kLanes = kSquaresLanes;
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes)

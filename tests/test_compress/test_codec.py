@@ -1,5 +1,6 @@
 """The codec: kernels against the reference bit for bit, error bound, unbiasedness, bad input."""
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from actnn_mm.compress import (CompressedTensor, dequantize, extension_loaded, o
 from actnn_mm.compress.codec import samples_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The kernels' backends: each is held to the reference (and CUDA to the CPU) bit for bit.
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
 def _shapes():
@@ -48,9 +51,11 @@ def _bits_for(x: torch.Tensor, bits):
 @pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('stochastic', [True, False])
-def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic):
+@pytest.mark.parametrize('device', DEVICES)
+def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic, device):
     x = SHAPES[shape]().to(dtype)
-    c = quantize(x, _bits_for(x, bits), group_size=64, seed=12345, stochastic=stochastic)
+    c = quantize(x.to(device), _bits_for(x, bits), group_size=64, seed=12345,
+                 stochastic=stochastic).to('cpu')
     samples, _ = samples_view(x)
     data, meta = reference.quantize(samples, c.bits, c.offsets, 64, 12345, stochastic,
                                     c.data.numel())
@@ -58,7 +63,24 @@ def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic):
     assert torch.equal(c.meta.view(torch.int16), meta.view(torch.int16))
     expected = reference.dequantize(data, meta, c.bits, c.offsets, samples.shape[0],
                                     samples.shape[1], 64, dtype)
-    assert torch.equal(samples_view(dequantize(c))[0], expected)
+    assert torch.equal(samples_view(dequantize(c.to(device)).cpu())[0], expected)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('device', DEVICES)
+def test_quantize_takes_a_buffer_with_slack(device):
+    # a buffer sized from a bit budget: bytes after the last sample's stream (and between
+    # streams) are zero, and dequantize reads only the streams
+    x = torch.randn(3, 100, device=device)
+    bits = torch.tensor([1, 2, 4], dtype=torch.uint8, device=device)
+    offsets = torch.tensor([0, 13, 40, 90], device=device)  # 2 bytes of slack after sample 1
+    data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 3, True, 120)
+    want = reference.quantize(x.cpu(), bits.cpu(), offsets.cpu(), 64, 3, True, 120)
+    assert data.shape == (120,) and torch.equal(data.cpu(), want[0])
+    assert not data[38:40].any() and not data[90:].any()
+    y = torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 3, 100, 64, torch.float32)
+    assert torch.equal(y.cpu(), reference.dequantize(*want, bits.cpu(), offsets.cpu(), 3, 100,
+                                                     64, torch.float32))
 
 
 @pytest.mark.parametrize('shape', list(SHAPES))
@@ -248,8 +270,9 @@ def test_ops_check_their_arguments():
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_opcheck(dtype):
-    x = torch.randn(3, 100).to(dtype)
+@pytest.mark.parametrize('device', DEVICES)
+def test_opcheck(dtype, device):
+    x = torch.randn(3, 100).to(dtype).to(device)
     c = quantize(x, torch.tensor([1, 2, 8]), group_size=32, seed=5)
     torch.library.opcheck(torch.ops.actnn_mm.quantize,
                           (x, c.bits, c.offsets, 32, 5, True, c.data.numel()))
@@ -289,6 +312,47 @@ def test_reference_fallback_warns_once_and_matches(monkeypatch):
     assert torch.equal(y, dequantize(expected))
 
 
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_devices_without_kernels_use_the_reference(monkeypatch):
+    x = torch.randn(3, 200)
+    expected = quantize(x, 2, seed=9)
+    # act as if the CPU were a device the extension has no kernels for (mps, xpu, ...)
+    monkeypatch.setattr(ops, '_KERNEL_DEVICE_TYPES', ('cuda',))
+    monkeypatch.setattr(ops, '_warned', False)
+    with pytest.warns(UserWarning, match='codec on cpu: the extension has kernels for cuda only'):
+        got = quantize(x, 2, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # one warning only
+        y = dequantize(got)
+        sums = ops.batch_norm_sums(x, x)
+    assert torch.equal(got.data, expected.data) and torch.equal(y, dequantize(expected))
+    assert torch.equal(sums, reference.batch_norm_sums(x, x))
+    for device_type in ('mps', 'xpu', 'hpu', 'privateuseone'):
+        assert not ops._extension_serves(SimpleNamespace(device=torch.device(device_type)))
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+def test_tensors_without_values_use_the_fake_implementations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        x = torch.empty(4, 300, dtype=torch.bfloat16)
+        bits = torch.full((4,), 2, dtype=torch.uint8)
+        offsets = torch.arange(5) * 75
+        data, meta = ops.quantize(x, bits, offsets, 64, 1, True, 320)
+        y = ops.dequantize(data, meta, bits, offsets, 4, 300, 64, torch.bfloat16)
+        return data, meta, y
+
+    with torch.device('meta'):
+        data, meta, y = run()
+    assert data.device.type == 'meta' and data.shape == (320,) and y.shape == (4, 300)
+    # fake CUDA tensors need no GPU, nor a CUDA build; the reference would read their values
+    with warnings.catch_warnings(), FakeTensorMode(), torch.device('cuda'):
+        warnings.simplefilter('error')
+        data, meta, y = run()
+    assert data.device.type == 'cuda' and meta.shape == (20, 2) and y.dtype == torch.bfloat16
+
+
 def test_to_same_device_is_free():
     c = quantize(torch.randn(2, 300), 4)
     assert c.to('cpu') is c
@@ -312,48 +376,33 @@ def test_cuda_matches_cpu_bit_for_bit(bits, dtype):
     assert pinned.data.is_pinned() and torch.equal(dequantize(pinned), dequantize(cpu))
 
 
-def test_accelerator_checks_are_deferred_to_dequantize(monkeypatch):
-    from actnn_mm.compress import codec
-
-    monkeypatch.setattr(codec, '_DEFERRED_DEVICE_TYPES', ('cpu',))  # act as if the CPU were a GPU
-    good = quantize(torch.randn(2, 300), 2)
-    bad_x = torch.randn(3, 300)
-    bad_x[1, 7] = float('nan')
-    quantize(bad_x, 2)  # queued, no error yet
-    with pytest.raises(ValueError, match=r'NaN or Inf.*1 of 6 groups, the first in sample 1'):
-        dequantize(good)
-    assert torch.isfinite(dequantize(good)).all()  # the queue was emptied
-    monkeypatch.setattr(codec, '_MAX_PENDING', 2)
-    quantize(torch.randn(2, 30), 2)
-    with pytest.raises(ValueError, match='NaN or Inf'):
-        quantize(bad_x, 2)  # the queue is full: checked now
-
-
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('bits', [1, 2, 4, 8])
 @pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 4097])
-def test_pack_bits_matches_reference(bits, numel):
+@pytest.mark.parametrize('device', DEVICES)
+def test_pack_bits_matches_reference(bits, numel, device):
     g = torch.Generator().manual_seed(numel)
     values = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.uint8)
-    packed = torch.ops.actnn_mm.pack_bits(values, bits)
-    assert torch.equal(packed, reference.pack_bits(values, bits))
+    packed = torch.ops.actnn_mm.pack_bits(values.to(device), bits)
+    assert torch.equal(packed.cpu(), reference.pack_bits(values, bits))
     assert packed.numel() == -(-numel * bits // 8)
-    assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, numel), values)
-    assert torch.equal(reference.unpack_bits(packed, bits, numel), values)
+    assert torch.equal(torch.ops.actnn_mm.unpack_bits(packed, bits, numel).cpu(), values)
+    assert torch.equal(reference.unpack_bits(packed.cpu(), bits, numel), values)
     if bits == 1:
-        mask = values.bool()
+        mask = values.bool().to(device)
         assert torch.equal(torch.ops.actnn_mm.pack_bits(mask, 1), packed)
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_pack_bits_checks_and_opcheck():
+@pytest.mark.parametrize('device', DEVICES)
+def test_pack_bits_checks_and_opcheck(device):
     with pytest.raises(RuntimeError, match='1, 2, 4 or 8 bits'):
         torch.ops.actnn_mm.pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
     with pytest.raises(RuntimeError, match='contiguous uint8 or bool'):
         torch.ops.actnn_mm.pack_bits(torch.zeros(4), 1)
     with pytest.raises(RuntimeError, match='holding 100 values'):
         torch.ops.actnn_mm.unpack_bits(torch.zeros(4, dtype=torch.uint8), 2, 100)
-    values = torch.randint(0, 16, (37,), dtype=torch.uint8)
+    values = torch.randint(0, 16, (37,), dtype=torch.uint8, device=device)
     torch.library.opcheck(torch.ops.actnn_mm.pack_bits, (values, 4))
     torch.library.opcheck(torch.ops.actnn_mm.unpack_bits, (reference.pack_bits(values, 4), 4, 37))
 
@@ -378,16 +427,18 @@ def _positive_case(numel, dtype):
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 40961])
-def test_pack_positive_matches_reference_and_torch(numel, dtype):
+@pytest.mark.parametrize('device', DEVICES)
+def test_pack_positive_matches_reference_and_torch(numel, dtype, device):
     values = _positive_case(numel, dtype)
-    packed = torch.ops.actnn_mm.pack_positive(values)
+    packed = torch.ops.actnn_mm.pack_positive(values.to(device)).cpu()
     assert torch.equal(packed, reference.pack_positive(values))
     assert torch.equal(packed, torch.ops.actnn_mm.pack_bits(values > 0, 1))  # NaN, -0: not set
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_pack_positive_checks_and_opcheck():
-    values = _positive_case(100, torch.float32)
+@pytest.mark.parametrize('device', DEVICES)
+def test_pack_positive_checks_and_opcheck(device):
+    values = _positive_case(100, torch.float32).to(device)
     with pytest.raises(RuntimeError, match='contiguous values'):
         torch.ops.actnn_mm.pack_positive(values.view(10, 10).t())
     with pytest.raises(RuntimeError, match='float32, float16 or bfloat16'):
@@ -414,16 +465,19 @@ def _mask_case(numel, dtype):
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('numel', [0, 1, 7, 8, 9, 1000, 40961])
 @pytest.mark.parametrize('scale', [1.0, 1 / 0.3])
-def test_apply_mask_matches_reference_and_torch(numel, dtype, scale):
+@pytest.mark.parametrize('device', DEVICES)
+def test_apply_mask_matches_reference_and_torch(numel, dtype, scale, device):
     values, keep, mask = _mask_case(numel, dtype)
-    out = torch.ops.actnn_mm.apply_mask(values, mask, scale)
+    out = torch.ops.actnn_mm.apply_mask(values.to(device), mask.to(device), scale).cpu()
     assert torch.equal(out, reference.apply_mask(values, mask, scale))
     assert torch.equal(out, torch.where(keep, (values.float() * scale).to(dtype), 0))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_apply_mask_checks_and_opcheck():
+@pytest.mark.parametrize('device', DEVICES)
+def test_apply_mask_checks_and_opcheck(device):
     values, _, mask = _mask_case(100, torch.float32)
+    values, mask = values.to(device), mask.to(device)
     with pytest.raises(RuntimeError, match='at least 13 bytes'):
         torch.ops.actnn_mm.apply_mask(values, mask[:12], 1.0)
     with pytest.raises(RuntimeError, match='contiguous values'):
@@ -448,19 +502,22 @@ def test_apply_mask_cuda_matches_cpu(dtype):
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('shape', [(0, 4, 4), (1, 1, 1), (2, 7, 3), (3, 40, 33), (2, 64, 64),
                                    (2, 49, 16), (3, 9, 8)])
-def test_apply_mask_transposed_matches_reference_and_torch(shape, dtype):
+@pytest.mark.parametrize('device', DEVICES)
+def test_apply_mask_transposed_matches_reference_and_torch(shape, dtype, device):
     n, cols, rows = shape
     values, keep, mask = _mask_case(n * cols * rows, dtype)
     values = values.view(shape)
-    out = torch.ops.actnn_mm.apply_mask_transposed(values, mask, 2.5)
+    out = torch.ops.actnn_mm.apply_mask_transposed(values.to(device), mask.to(device), 2.5).cpu()
     assert torch.equal(out, reference.apply_mask_transposed(values, mask, 2.5))
     keep = keep.view(n, rows, cols).transpose(1, 2)  # the mask's bits are in (rows, cols) order
     assert torch.equal(out, torch.where(keep, (values.float() * 2.5).to(dtype), 0))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_apply_mask_transposed_checks_and_opcheck():
+@pytest.mark.parametrize('device', DEVICES)
+def test_apply_mask_transposed_checks_and_opcheck(device):
     values, _, mask = _mask_case(120, torch.float32)
+    values, mask = values.to(device), mask.to(device)
     with pytest.raises(RuntimeError, match=r'\(N, cols, rows\)'):
         torch.ops.actnn_mm.apply_mask_transposed(values, mask, 1.0)
     with pytest.raises(RuntimeError, match='at least 15 bytes'):
@@ -489,13 +546,15 @@ def test_dequantize_into_channels_last_is_bit_identical(dtype, bits, shape):
 # one span of columns per sample, or several (a span's buffer holds about 512 KiB of rows),
 # rows and columns not multiples of 8
 @pytest.mark.parametrize('n,rows,cols', [(5, 70, 33), (2, 3000, 197), (3, 1, 5), (2, 0, 9)])
-def test_dequantize_transposed_matches_reference(dtype, n, rows, cols):
+@pytest.mark.parametrize('device', DEVICES)
+def test_dequantize_transposed_matches_reference(dtype, n, rows, cols, device):
     x = (torch.randn(n, rows * cols) * 3).to(dtype)
     c = quantize(x, _bits_for(x, MIXED), group_size=48)
     args = (c.data, c.meta, c.bits, c.offsets, n, rows, cols, 48, dtype)
-    out = torch.ops.actnn_mm.dequantize_transposed(*args)
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    out = torch.ops.actnn_mm.dequantize_transposed(*on_device)
     assert out.shape == (n, cols, rows)
-    assert torch.equal(out, reference.dequantize_transposed(*args))
+    assert torch.equal(out.cpu(), reference.dequantize_transposed(*args))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
@@ -517,21 +576,39 @@ def _batch_norm_case(dtype, rows=300, channels=24):
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('rows,channels', [(300, 24), (5000, 3), (1, 1), (0, 4), (7, 515)])
-def test_batch_norm_ops_match_reference(dtype, rows, channels):
+@pytest.mark.parametrize('rows,channels', [(300, 24), (5000, 3), (1, 1), (0, 4), (7, 515),
+                                           (40000, 2)])
+@pytest.mark.parametrize('device', DEVICES)
+def test_batch_norm_ops_match_reference(dtype, rows, channels, device):
     grad, xh, coef = _batch_norm_case(dtype, rows, channels)
-    sums = torch.ops.actnn_mm.batch_norm_sums(grad, xh)
+    sums = torch.ops.actnn_mm.batch_norm_sums(grad.to(device), xh.to(device)).cpu()
     assert sums.shape == (3, channels) and sums.dtype == torch.float32
     torch.testing.assert_close(sums, reference.batch_norm_sums(grad, xh), rtol=1e-5, atol=1e-4)
-    got, want = xh.clone(), xh.clone()
-    torch.ops.actnn_mm.batch_norm_combine(got, grad, coef)
+    got, want = xh.to(device), xh.clone()
+    torch.ops.actnn_mm.batch_norm_combine(got, grad.to(device), coef.to(device))
     reference.batch_norm_combine(want, grad, coef)
-    assert torch.equal(got, want)  # the same float32 operations in the same order
+    assert torch.equal(got.cpu(), want)  # the same float32 operations in the same order
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_batch_norm_ops_check_and_opcheck():
-    grad, xh, coef = _batch_norm_case(torch.float32)
+def test_batch_norm_sums_do_not_depend_on_the_threads():
+    # chunks of rows in a fixed order: the same bits with 1 or 2 threads, call after call
+    grad, xh, _ = _batch_norm_case(torch.float32, 20011, 7)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.actnn_mm.batch_norm_sums(grad, xh)
+        torch.set_num_threads(2)
+        two = [torch.ops.actnn_mm.batch_norm_sums(grad, xh) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one, sums) for sums in two)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
+@pytest.mark.parametrize('device', DEVICES)
+def test_batch_norm_ops_check_and_opcheck(device):
+    grad, xh, coef = (t.to(device) for t in _batch_norm_case(torch.float32))
     with pytest.raises(RuntimeError, match=r'one \(rows, channels\) shape'):
         torch.ops.actnn_mm.batch_norm_sums(grad, xh[:-1])
     with pytest.raises(RuntimeError, match=r'one \(rows, channels\) shape'):
@@ -561,9 +638,10 @@ def test_batch_norm_ops_with_the_reference(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_batch_norm_ops_cuda_match_cpu(dtype):
-    grad, xh, coef = _batch_norm_case(dtype, 1000, 40)
-    torch.testing.assert_close(torch.ops.actnn_mm.batch_norm_sums(grad.cuda(), xh.cuda()).cpu(),
-                               torch.ops.actnn_mm.batch_norm_sums(grad, xh), rtol=1e-5, atol=1e-4)
+    grad, xh, coef = _batch_norm_case(dtype, 100000, 40)
+    # the same chunks added in the same order, in double, run after run: the same bits
+    sums = [torch.ops.actnn_mm.batch_norm_sums(grad.cuda(), xh.cuda()).cpu() for _ in range(3)]
+    assert all(torch.equal(s, torch.ops.actnn_mm.batch_norm_sums(grad, xh)) for s in sums)
     gpu, cpu = xh.cuda(), xh.clone()
     torch.ops.actnn_mm.batch_norm_combine(gpu, grad.cuda(), coef.cuda())
     torch.ops.actnn_mm.batch_norm_combine(cpu, grad, coef)
@@ -589,11 +667,14 @@ def _row_stats(x, case):
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('case', ROW_STATS)
-def test_allocator_statistics_match_reference(dtype, case):
+@pytest.mark.parametrize('device', DEVICES)
+def test_allocator_statistics_match_reference(dtype, case, device):
     rows, m = case[:2]
     x = (torch.randn(rows, m, generator=torch.Generator().manual_seed(0)) *
          torch.logspace(-2, 2, max(rows, 1))[:rows, None]).to(dtype)
-    ranges, squares, want_ranges, want_squares = _row_stats(x, case)
+    ranges, squares, want_ranges, want_squares = _row_stats(x.to(device), case)
+    ranges, squares = ranges.cpu(), squares.cpu()
+    want_ranges, want_squares = want_ranges.cpu(), want_squares.cpu()
     assert ranges.shape == squares.shape == (rows,) and ranges.dtype == torch.float64
     torch.testing.assert_close(ranges, want_ranges, rtol=1e-9, atol=0)
     torch.testing.assert_close(squares, want_squares, rtol=1e-5, atol=0)  # float32 sums by run
@@ -626,8 +707,9 @@ def test_allocator_statistics_reveal_non_finite_rows(bad):
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_allocator_statistics_check_and_opcheck():
-    x = torch.randn(4, 300)
+@pytest.mark.parametrize('device', DEVICES)
+def test_allocator_statistics_check_and_opcheck(device):
+    x = torch.randn(4, 300, device=device)
     with pytest.raises(RuntimeError, match=r'contiguous \(N, M\)'):
         torch.ops.actnn_mm.mean_square_range(x.t(), 8, 4)
     with pytest.raises(RuntimeError, match=r'contiguous \(N, M\)'):
@@ -656,8 +738,9 @@ def test_allocator_statistics_with_the_reference(monkeypatch):
 @pytest.mark.parametrize('case', ROW_STATS)
 def test_allocator_statistics_cuda_match_cpu(dtype, case):
     x = torch.randn(*case[:2]).to(dtype)
+    # the same terms added in the same order as the CPU's: the same bits
     for got, want in zip(_row_stats(x.cuda(), case)[:2], _row_stats(x, case)[:2]):
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0)
+        assert torch.equal(got.cpu(), want)
 
 
 # (kernel, stride, padding, dilation, ceil_mode) of max poolings
@@ -685,22 +768,26 @@ def _window_case(window, channels_last):
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
 @pytest.mark.parametrize('window', WINDOWS)
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_window_ops_match_reference_and_invert(window, channels_last):
+@pytest.mark.parametrize('device', DEVICES)
+def test_window_ops_match_reference_and_invert(window, channels_last, device):
     indices, args = _window_case(window, channels_last)
     dtype = torch.uint8 if window[0][0] * window[0][1] <= 256 else torch.int32
-    offsets = torch.ops.actnn_mm.window_offsets(indices, *args, dtype)
+    offsets = torch.ops.actnn_mm.window_offsets(indices.to(device), *args, dtype)
+    restored = torch.ops.actnn_mm.window_indices(offsets, *args).cpu()
+    offsets = offsets.cpu()
     assert offsets.dtype == dtype and offsets.shape == indices.shape
     assert torch.equal(offsets, reference.window_offsets(indices, *args, dtype))
     assert int(offsets.max()) < window[0][0] * window[0][1] and int(offsets.min()) >= 0
-    restored = torch.ops.actnn_mm.window_indices(offsets, *args)
     assert torch.equal(restored, indices)
     assert torch.equal(reference.window_indices(offsets, *args), indices)
     assert torch.equal(torch.ops.actnn_mm.window_indices(offsets.int(), *args), indices)
 
 
 @pytest.mark.skipif(not extension_loaded(), reason='C++ extension not built')
-def test_window_ops_check_and_opcheck():
+@pytest.mark.parametrize('device', DEVICES)
+def test_window_ops_check_and_opcheck(device):
     indices, args = _window_case(WINDOWS[0], False)
+    indices = indices.to(device)
     with pytest.raises(RuntimeError, match='contiguous int64'):
         torch.ops.actnn_mm.window_offsets(indices.transpose(1, 2), *args, torch.uint8)
     with pytest.raises(RuntimeError, match='at most 256'):
