@@ -7,13 +7,13 @@ Usage, as in ActNN::
     model = actnn_mm.QModule(model)
 """
 from . import compress
-from .allocate import set_sample_indices
 from .config import config, set_optimization_level
 from .convert import QModule, convert, revert
 from .generic import compress_saved_tensors, report_uncompressed
 from .layers import (QGELU, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
                      QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QDropout, QGroupNorm,
                      QLayerNorm, QLinear, QMaxPool2d, QReLU, QSiLU, QSyncBatchNorm)
+from .layers.state import set_sample_indices
 from .stats import stats
 
 __version__ = '0.1.0'

@@ -19,6 +19,7 @@ from .inplace import mark_inplace_norms
 from .layers import (LAYERS, QConv2d, QConv3d, QConvTranspose2d, QConvTranspose3d, QLayer,
                      QLinear, QMaxPool2d, QSyncBatchNorm)
 from .layers.norm import INPLACE_INPUT
+from .layers.state import forget_state, model_state
 
 logger = logging.getLogger('actnn_mm')
 
@@ -29,16 +30,19 @@ _SUPPORTED = tuple(_TARGETS)
 @functools.lru_cache(maxsize=None)
 def _equivalents() -> Dict[Type[nn.Module], Type[QLayer]]:
     """Classes computing exactly what an ActNN layer's base computes, converted like it:
-    mmengine's ``_BatchNormXd``, which its Runner puts in place of every ``SyncBatchNorm`` when
-    training in one process (QSyncBatchNorm then runs as a batch norm of any rank); mmcv's
-    wrappers of Conv2d/3d, ConvTranspose2d/3d, Linear and MaxPool2d, whose forward only differs
-    for empty inputs on torch < 1.5 (every mmcv FFN, SegFormer's convs); and torch's
-    ``NonDynamicallyQuantizableLinear`` (a marker subclass without a forward of its own)."""
+    mmengine's ``SyncBatchNorm``, the layer of mmcv's ``dict(type='SyncBN')`` (torch's, with an
+    input check of its own for parrots only), and its ``_BatchNormXd``, which the Runner puts in
+    place of every ``SyncBatchNorm`` when training in one process (QSyncBatchNorm then runs as a
+    batch norm of any rank); mmcv's wrappers of Conv2d/3d, ConvTranspose2d/3d, Linear and
+    MaxPool2d, whose forward only differs for empty inputs on torch < 1.5 (every mmcv FFN,
+    SegFormer's convs); and torch's ``NonDynamicallyQuantizableLinear`` (a marker subclass
+    without a forward of its own)."""
     equivalents: Dict[Type[nn.Module], Type[QLayer]] = {
         nn.modules.linear.NonDynamicallyQuantizableLinear: QLinear}
     try:
         from mmengine.model.utils import _BatchNormXd
-        equivalents[_BatchNormXd] = QSyncBatchNorm
+        from mmengine.utils.dl_utils.parrots_wrapper import SyncBatchNorm
+        equivalents.update({SyncBatchNorm: QSyncBatchNorm, _BatchNormXd: QSyncBatchNorm})
         from mmcv.cnn.bricks import wrappers
     except ImportError:
         return equivalents
@@ -103,9 +107,10 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
     """Convert the supported layers of ``model`` in place, following ``config``.
 
     Exact instances of the supported torch classes are converted (subclasses are skipped: they
-    may have their own forward), and those of mmengine's ``_BatchNormXd`` (reverted SyncBatchNorm)
-    to QSyncBatchNorm; ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits which
-    families are. BatchNorm layers that only a convolution feeds are marked to normalize in place
+    may have their own forward), and those of equivalent classes, e.g. mmengine's
+    ``SyncBatchNorm`` (mmcv's 'SyncBN') and ``_BatchNormXd`` (a reverted one) to QSyncBatchNorm;
+    ``config.compressed_layers`` ('none' at L0, 'conv' at L1) limits which families are.
+    BatchNorm layers that only a convolution feeds are marked to normalize in place
     (:mod:`actnn_mm.inplace`). Converting twice is a no-op.
 
     Args:
@@ -137,6 +142,7 @@ def convert(model: nn.Module) -> Tuple[nn.Module, ConversionSummary]:
                     module.__dict__.setdefault('process_group', None)
             module.__class__ = target
             summary.converted[cls.__name__] += 1
+    model_state(model).attach(model.modules())  # the model's own allocator, log, cache
     mark_inplace_norms(model)
     return model, summary
 
@@ -181,4 +187,5 @@ def revert(model: nn.Module) -> nn.Module:
                                                    type(module)._actnn_base)
             for key in ('actnn_saved_bytes', 'actnn_full_bytes', INPLACE_INPUT):
                 module.__dict__.pop(key, None)
+        forget_state(module)
     return model

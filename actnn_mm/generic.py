@@ -74,11 +74,12 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, CompressedTensor, quantize
+from .compress.codec import checks_at_once, not_finite
 from .config import config
 from .layers.base import QLayer
-from .layers.saved import (Offloaded, PackedInts, Stored, load, positive_mask, step_boundary,
-                           unpack_ints)
-from .stats import step_log
+from .layers.packed import PackedInts, positive_mask, unpack_ints
+from .layers.saved import Held, load, offloaded
+from .layers.state import ModelState, model_state
 
 logger = logging.getLogger('actnn_mm')
 
@@ -161,7 +162,7 @@ class _Reshaped:
     """A compressed contiguous tensor, saved again under another shape (e.g. a softmax output
     and its (B * heads, L, L) view read by the next matmul)."""
 
-    stored: Stored
+    stored: Held
     shape: torch.Size
 
 
@@ -173,8 +174,10 @@ def _key(t: torch.Tensor) -> Tuple[Any, ...]:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, t.device) + geometry
 
 
-def _unpack(packed: Union[torch.Tensor, Stored, _Reshaped, _Mask]) -> torch.Tensor:
+def _unpack(packed: Union[torch.Tensor, Held, _Reshaped, _Mask]) -> torch.Tensor:
     """The saved tensor (dequantized) from what :meth:`compress_saved_tensors._pack` returned."""
+    if isinstance(packed, torch.Tensor):
+        return packed
     if isinstance(packed, _Reshaped):
         return load(packed.stored).view(packed.shape)
     if isinstance(packed, _Mask):
@@ -276,6 +279,7 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
             raise RuntimeError('actnn_mm.compress_saved_tensors: this context is already active')
         self.stats = GenericStats()
         self._storages = _parameter_storages(self.model)
+        self._state = ModelState() if self.model is None else model_state(self.model)
         for module in self.model.modules() if self.model is not None else ():
             reason = _module_reason(module)
             if reason is not None:
@@ -302,8 +306,9 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
     def _leave(self, *_: Any) -> None:
         self._module_reasons.pop()
 
-    def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Stored, _Reshaped, _Mask]:
-        step_boundary()
+    def _pack(self, t: torch.Tensor) -> Union[torch.Tensor, Held, _Reshaped, _Mask]:
+        step_log = self._state.step_log
+        self._state.step_boundary()
         module = self._module_reasons[-1] if self._module_reasons else None
         if module == 'norm':  # parameters are still not counted
             reason = 'parameter' if _is_parameter(t, self._storages) else module
@@ -328,27 +333,27 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
             if stored is not None:
                 self.stats.shared += 1
                 return stored if entry.shape == t.shape else _Reshaped(stored, t.shape)
-        compressed = quantize(t, bits, config.group_size, stochastic=config.stochastic)
-        if config.swap and t.device.type == 'cuda':  # a pinned CPU copy, back in `load`
-            return self._keep(key, t, Offloaded(compressed.to('cpu', non_blocking=True),
-                                                t.device), not loss_grad, compressed)
-        return self._keep(key, t, compressed, not loss_grad)
+        compressed = quantize(t, bits, config.group_size, stochastic=config.stochastic,
+                              defer_check=True)
+        if not checks_at_once(t.device):  # quantize left the NaN/Inf check to us
+            step_log.watch(not_finite(compressed), 'a tensor saved under generic mode')
+        return self._keep(key, t, offloaded(compressed, self._state), not loss_grad, compressed)
 
-    def _keep(self, key: Tuple[Any, ...], t: torch.Tensor, stored: Union[Stored, '_Mask'],
+    def _keep(self, key: Tuple[Any, ...], t: torch.Tensor, stored: Union[Held, '_Mask'],
               budgeted: bool, compressed: Optional[Union[CompressedTensor, '_Mask']] = None
-              ) -> Union[Stored, '_Mask']:
+              ) -> Union[Held, '_Mask']:
         """Count ``stored`` (``compressed`` if given: what ``stored`` holds) as the saved copy
         of ``t`` and remember it under ``key`` for later saves of the same values. Only a copy
         at the configured bits (``budgeted``) enters the bit statistics: masks and 8-bit loss
         tensors count in bytes, as the layers' masks do."""
         if compressed is None:
             compressed = stored
-        widths = compressed.bits.tolist() if budgeted else []
+        widths = compressed.bits if budgeted else None
         self.stats.compressed += 1
         self.stats.saved_bytes += compressed.nbytes
         self.stats.full_bytes += t.nbytes
-        step_log.record_generic(compressed.nbytes, t.nbytes, widths,
-                                t.numel() // max(len(widths), 1))
+        self._state.step_log.record_generic(compressed.nbytes, t.nbytes, widths,
+                                t.numel() // max(t.shape[0] if t.dim() else 1, 1))
         owner = weakref.ref(t if t._base is None else t._base, functools.partial(self._forget, key))
         self._shared[key] = _Entry(owner, t._version, t.shape, weakref.ref(stored))
         return stored

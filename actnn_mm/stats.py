@@ -1,79 +1,52 @@
-"""What the last training step kept for backward: bits and bytes per layer (``actnn_mm.stats``).
+"""What a model kept for backward in its last training step: bits and bytes per layer.
 
-The layers report every tensor they keep to :data:`step_log`, generic mode
-(:class:`actnn_mm.compress_saved_tensors`) what it compressed and what it left in full precision;
-a new training step starts when something is kept after a backward pass has run (no hook on the
-model is needed).
+A step begins when the model's layers keep something after its backward ran (see
+:mod:`actnn_mm.layers.state`); no hook on the model is needed.
 """
 import collections
-import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import torch
 
-
-@dataclasses.dataclass
-class _Kept:
-    nbytes: int
-    full_bytes: int
-    widths: Optional[List[int]]  # bits per sample of a quantized activation, else None
-    sample_elements: int
+from .layers.state import states_in
+from .steplog import _Kept
 
 
-class StepLog:
-    """Everything the layers kept since the current training step began."""
-
-    def __init__(self) -> None:
-        self.begin_step()
-
-    def begin_step(self) -> None:
-        self.kept: Dict[int, List[_Kept]] = {}
-        self.generic: List[_Kept] = []
-        self.uncompressed: collections.Counter[str] = collections.Counter()
-
-    def record(self, module: torch.nn.Module, nbytes: int, full_bytes: int,
-               widths: Optional[Sequence[int]] = None, sample_elements: int = 0) -> None:
-        """Note that ``module`` keeps ``nbytes`` where torch would keep ``full_bytes``.
-
-        Args:
-            module: the layer.
-            nbytes: bytes kept.
-            full_bytes: bytes torch would keep for the same purpose.
-            widths: bits per sample when the tensor kept is a quantized activation.
-            sample_elements: elements per sample of that activation.
-        """
-        self.kept.setdefault(id(module), []).append(
-            _Kept(nbytes, full_bytes, None if widths is None else list(widths), sample_elements))
-
-    def record_generic(self, nbytes: int, full_bytes: int, widths: Sequence[int],
-                       sample_elements: int) -> None:
-        """Note a saved tensor that generic mode compressed, arguments as in :meth:`record`."""
-        self.generic.append(_Kept(nbytes, full_bytes, list(widths), sample_elements))
-
-    def record_uncompressed(self, reason: str, nbytes: int) -> None:
-        """Note a saved tensor of ``nbytes`` that generic mode left in full precision."""
-        self.uncompressed[reason] += nbytes
-
-
-step_log = StepLog()
-
-
-def _summary(kept: List[_Kept]) -> Dict:
-    """calls, bytes, full_bytes and, for quantized activations, the bits (mean weighted by
-    elements, min, max) and the element-weighted bit sum and element count behind the mean."""
+def _summary(kept: List[_Kept], widths: Dict[int, List[int]]) -> Dict:
+    """calls, bytes, full_bytes and, for quantized activations (their ``widths`` by id), the
+    bits (mean weighted by elements, min, max) and the element-weighted bit sum and element count
+    behind the mean."""
     entry = {'calls': len(kept), 'bytes': sum(k.nbytes for k in kept),
              'full_bytes': sum(k.full_bytes for k in kept)}
-    widths = [(w, k.sample_elements) for k in kept if k.widths for w in k.widths]
-    if widths:
-        elements = sum(e for _, e in widths)
-        bit_sum = sum(w * e for w, e in widths)
-        entry.update(bits_mean=bit_sum / max(elements, 1), bits_min=min(w for w, _ in widths),
-                     bits_max=max(w for w, _ in widths), bit_sum=bit_sum, elements=elements)
+    pairs = [(w, k.sample_elements) for k in kept if k.widths is not None
+             for w in widths[id(k)]]
+    if pairs:
+        elements = sum(e for _, e in pairs)
+        bit_sum = sum(w * e for w, e in pairs)
+        entry.update(bits_mean=bit_sum / max(elements, 1), bits_min=min(w for w, _ in pairs),
+                     bits_max=max(w for w, _ in pairs), bit_sum=bit_sum, elements=elements)
     return entry
+
+
+def _read_widths(kept: List[_Kept]) -> Dict[int, List[int]]:
+    """The widths of the quantized activations in ``kept`` by id, read from their device at
+    once."""
+    quantized = [k for k in kept if k.widths is not None]
+    if not quantized:
+        return {}
+    device = quantized[0].widths.device
+    values = torch.cat([k.widths.to(device) for k in quantized]).tolist()
+    widths, start = {}, 0
+    for k in quantized:
+        widths[id(k)] = values[start:start + k.widths.numel()]
+        start += k.widths.numel()
+    return widths
 
 
 def stats(model: torch.nn.Module) -> Dict:
     """What ``model`` kept for backward in the last (or current) training step.
+
+    Reads the bit widths chosen on a device in one go (the only read of device memory).
 
     Args:
         model: a converted model (or any module containing ActNN layers), possibly trained under
@@ -92,12 +65,18 @@ def stats(model: torch.nn.Module) -> Dict:
         (``calls`` = their number) plus ``uncompressed_bytes``, the bytes of saved tensors it
         left in full precision by reason ('type', 'shape', 'small'), parameters excluded.
     """
-    layers = {}
-    for name, module in model.named_modules():
-        kept = step_log.kept.get(id(module))
-        if kept:
-            layers[name] = {'type': type(module).__name__, **_summary(kept)}
-    generic = {**_summary(step_log.generic), 'uncompressed_bytes': dict(step_log.uncompressed)}
+    logs = [state.step_log for state in states_in(model).values()]
+    kept = {name: (module, [k for log in logs for k in log.kept.get(id(module), ())])
+            for name, module in model.named_modules()}
+    kept = {name: entry for name, entry in kept.items() if entry[1]}
+    generic_kept = [k for log in logs for k in log.generic]
+    widths = _read_widths([k for _, ks in kept.values() for k in ks] + generic_kept)
+    layers = {name: {'type': type(module).__name__, **_summary(ks, widths)}
+              for name, (module, ks) in kept.items()}
+    uncompressed = collections.Counter()
+    for log in logs:
+        uncompressed.update(log.uncompressed)
+    generic = {**_summary(generic_kept, widths), 'uncompressed_bytes': dict(uncompressed)}
     entries = [*layers.values(), generic]
     bit_sum = sum(e.pop('bit_sum', 0) for e in entries)
     elements = sum(e.pop('elements', 0) for e in entries)

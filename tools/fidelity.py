@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 import actnn_mm
 import benchmark
-from actnn_mm.allocate import allocator
 from actnn_mm.config import LEVELS
 from benchmark import _pyplot, _save, _save_figure
 from make_demo_data import make_coco
@@ -487,7 +486,6 @@ def train_detector(level: str, seed: int, data_root: str, work_dir: str,
         if transform.type == 'Resize':
             transform.scale = (args.image_size, args.image_size)
     with _config_restored():
-        allocator.reset()  # no gradient statistics of the samples from an earlier run
         runner = Runner.from_cfg(cfg)
         if actnn is None:
             actnn_mm.revert(runner.model)

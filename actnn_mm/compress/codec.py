@@ -8,7 +8,8 @@ precision); all samples share one byte stream, each starting on a byte.
 """
 import dataclasses
 import itertools
-from typing import List, Optional, Sequence, Tuple, Union
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,7 +24,8 @@ class CompressedTensor:
     """A quantized activation and what is needed to restore its shape, dtype and layout.
 
     Attributes:
-        data: uint8 stream of all samples' packed values.
+        data: uint8 stream of all samples' packed values (sized from a bit budget, it may end in
+            unused bytes).
         meta: (groups, 2) bfloat16 min and scale of each group.
         bits: (N,) uint8 bit width of each sample.
         offsets: (N + 1,) int64 byte offset of each sample's stream in ``data``.
@@ -86,53 +88,84 @@ def samples_view(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...
     return x.contiguous().reshape(n, m), None
 
 
-def _bits_per_sample(bits: Union[int, torch.Tensor], n: int) -> List[int]:
-    """Validated bit width of each of the ``n`` samples."""
+def _widths(bits: Union[int, torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Validated (n,) uint8 bit width of each sample on ``device``.
+
+    A per-sample tensor's values are checked here only on the CPU: reading them from an
+    accelerator would wait for it, so there the kernels check them before touching memory.
+    """
     if isinstance(bits, torch.Tensor):
         if bits.dim() != 1 or bits.shape[0] != n or bits.dtype.is_floating_point \
-                or bits.is_complex():
+                or bits.is_complex() or bits.dtype == torch.bool:
             raise ValueError(f'actnn_mm.compress.quantize: per-sample bits must be a 1-D integer '
                              f'tensor of length {n} (the size of dim 0), got {bits.dtype} '
                              f'of shape {tuple(bits.shape)}')
-        widths = bits.tolist()
-        bad = sorted(set(widths) - set(SUPPORTED_BITS))
-        if bad:
-            raise ValueError(f'actnn_mm.compress.quantize: bit widths must be in {SUPPORTED_BITS}, '
-                             f'got {bad}')
-        return widths
+        if bits.device.type == 'cpu':
+            bad = sorted(set(bits.tolist()) - set(SUPPORTED_BITS))
+            if bad:
+                raise ValueError(f'actnn_mm.compress.quantize: bit widths must be in '
+                                 f'{SUPPORTED_BITS}, got {bad}')
+        return bits.to(device=device, dtype=torch.uint8, non_blocking=True)
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f'actnn_mm.compress.quantize: bits must be one of {SUPPORTED_BITS} or a '
                          f'per-sample tensor of them, got {bits!r}')
-    return [bits] * n
+    return torch.full((n,), bits, dtype=torch.uint8, device=device)
 
 
-def _draw_seed() -> int:
-    """A seed from torch's default CPU generator, so runs repeat under ``torch.manual_seed``."""
-    return int(torch.empty((), dtype=torch.int64).random_())
+def _stream_layout(widths: torch.Tensor, bits: Union[int, torch.Tensor], m: int,
+                   budget: Optional[float]) -> Tuple[torch.Tensor, int]:
+    """Byte offsets of the samples' streams (on the widths' device) and the buffer's size.
 
-
-# Checking a GPU tensor's values waits for the GPU. So on accelerators the finiteness checks of
-# quantize are queued and run together, with one wait, at the next dequantize (the backward pass)
-# or when the queue is long; on the CPU they run at once.
-_DEFERRED_DEVICE_TYPES = ('cuda',)
-_MAX_PENDING = 4096
-_pending: List[Tuple[torch.Tensor, int]] = []
-
-
-def check_pending() -> None:
-    """Run the queued NaN/Inf checks of earlier ``quantize`` calls on accelerators.
-
-    Raises:
-        ValueError: one of those activations held NaN or Inf.
+    Computed without reading widths from an accelerator: a uniform width fixes every offset; a
+    per-sample tensor's offsets are its prefix sum on the device, and the buffer is sized from
+    ``budget`` (the widths' mean is at most that: the slack at the end is never read), or for
+    8 bits per value without one.
     """
-    if not _pending:
-        return
-    pending = _pending[:]
-    _pending.clear()
-    failed = torch.stack([~torch.isfinite(meta).all() for meta, _ in pending]).cpu()
-    for (meta, groups_per_sample), bad in zip(pending, failed.tolist()):
-        if bad:
-            _raise_if_not_finite(meta.cpu(), groups_per_sample)
+    n = widths.shape[0]
+    if not isinstance(bits, torch.Tensor):
+        per_sample = (m * bits + 7) // 8
+        return torch.arange(n + 1, dtype=torch.int64, device=widths.device) * per_sample, \
+            n * per_sample
+    offsets = torch.zeros(n + 1, dtype=torch.int64, device=widths.device)
+    torch.cumsum((widths.long() * m + 7) // 8, dim=0, out=offsets[1:])
+    if widths.device.type == 'cpu':  # exact: its values cost nothing to read
+        return offsets, int(offsets[-1])
+    if budget is None:
+        return offsets, n * m
+    # sum(ceil(m * b / 8)) <= (m * sum(b) + 7 n) / 8, and sum(b) <= n * budget
+    return offsets, min(n * m, math.ceil(m * n * budget * (1 + 1e-9) / 8) + n)
+
+
+def _draw_seed(device: torch.device) -> int:
+    """A seed for the rounding noise on ``device`` that needs no read of device memory.
+
+    On the CPU it is drawn from torch's default generator; on CUDA it is taken, as torch's own
+    random ops do, from the device generator's Philox seed and offset, which are host values
+    (the offset is advanced); both repeat under ``torch.manual_seed``. Elsewhere (devices
+    without a generator, fake tensors while tracing) a counter is mixed with torch's seed.
+    """
+    if device.type == 'cpu':
+        return int(torch.empty((), dtype=torch.int64, device='cpu').random_())
+    generators = torch.cuda.default_generators if device.type == 'cuda' else ()
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if generators else 0)
+    if index < len(generators):
+        generator = generators[index]
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)  # Philox offsets advance in fours
+        return _mix(generator.initial_seed(), offset)
+    return _mix(torch.initial_seed(), next(_fallback_counter))
+
+
+_fallback_counter = itertools.count()
+
+
+def _mix(seed: int, counter: int) -> int:
+    """A well-spread int64 from two integers (SplitMix64's finalizer of their combination)."""
+    z = (seed * 0x9E3779B97F4A7C15 + counter + 1) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) - 2**63
 
 
 # A bfloat16 is NaN or Inf when all its exponent bits are set, i.e. its bits without the sign are
@@ -140,36 +173,62 @@ def check_pending() -> None:
 _BF16_NON_FINITE = 0x7F80
 
 
-def _check_finite(meta: torch.Tensor, groups_per_sample: int) -> None:
-    if meta.device.type in _DEFERRED_DEVICE_TYPES:
-        _pending.append((meta, groups_per_sample))
-        if len(_pending) >= _MAX_PENDING:
-            check_pending()
-    elif meta.numel() and int((meta.view(torch.int16) & 0x7FFF).amax()) >= _BF16_NON_FINITE:
-        _raise_if_not_finite(meta, groups_per_sample)
+# Devices where quantize checks for NaN/Inf at once (reading the check's result there costs
+# nothing); elsewhere reading it would wait for the device.
+_CHECKED_AT_ONCE = ('cpu',)
 
 
-def _raise_if_not_finite(meta: torch.Tensor, groups_per_sample: int) -> None:
+def checks_at_once(device: torch.device) -> bool:
+    """Whether :func:`quantize` checks a tensor on ``device`` for NaN/Inf even when asked to
+    ``defer_check``."""
+    return device.type in _CHECKED_AT_ONCE
+
+
+def not_finite(c: CompressedTensor) -> torch.Tensor:
+    """A bool scalar on ``c``'s device: whether the activation held NaN or Inf (or magnitudes
+    beyond the bfloat16 range), computed without reading device memory on the host."""
+    if not c.meta.numel():
+        return torch.zeros((), dtype=torch.bool, device=c.device)
+    return (c.meta.view(torch.int16) & 0x7FFF).amax() >= _BF16_NON_FINITE
+
+
+def raise_if_not_finite(c: CompressedTensor) -> None:
+    """Raise if ``c`` was quantized from NaN or Inf values (reads ``c`` on the host).
+
+    Raises:
+        ValueError: naming how many groups are affected and the first sample.
+    """
+    meta = c.meta.cpu()
     bad = ~torch.isfinite(meta).all(dim=1)
     if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0]) // groups_per_sample
+        n = c.offsets.shape[0] - 1
+        first = int(bad.nonzero()[0, 0]) // max(1, meta.shape[0] // max(n, 1))
         raise ValueError(
-            f'actnn_mm.compress.quantize: the activation has NaN or Inf values (or magnitudes '
-            f'beyond the bfloat16 range) in {int(bad.sum())} of {meta.shape[0]} groups, the first '
-            f'in sample {first}. Training has likely diverged: lower the learning rate or clip '
+            f'actnn_mm.compress.quantize: the activation has NaN or Inf values (or magnitudes beyond '
+            f'the bfloat16 range) in {int(bad.sum())} of {meta.shape[0]} groups, the first in '
+            f'sample {first}. Training has likely diverged: lower the learning rate or clip '
             f'gradients.')
 
 
 def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 256,
-             seed: Optional[int] = None, stochastic: bool = True) -> CompressedTensor:
+             seed: Optional[int] = None, stochastic: bool = True, budget: Optional[float] = None,
+             defer_check: bool = False) -> CompressedTensor:
     """Compress ``x`` to ``bits`` bits per value (plus 32 bits per group).
+
+    Nothing is read back from an accelerator (so the host never waits for it) unless it must
+    check there for NaN/Inf: pass ``defer_check`` and check :func:`not_finite` later instead.
 
     Args:
         x: float32, float16 or bfloat16 tensor; dim 0 is the sample axis.
-        bits: 1, 2, 4 or 8, or a 1-D integer tensor with one of those per sample.
+        bits: 1, 2, 4 or 8, or a 1-D integer tensor with one of those per sample (on an
+            accelerator its values are checked by the kernel, which fails the launch on a bad
+            width).
         group_size: values per group, a positive multiple of 8.
-        seed: seed of the rounding noise; None draws one from torch's generator.
+        seed: seed of the rounding noise; None draws one (see :func:`_draw_seed`).
         stochastic: stochastic (unbiased) rounding; False rounds to nearest.
+        budget: for per-sample ``bits`` on an accelerator, the most their mean can be: it
+            sizes the buffer (else sized for 8 bits per value).
+        defer_check: on an accelerator, leave the NaN/Inf check to the caller.
 
     Returns:
         The compressed tensor.
@@ -187,16 +246,19 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
                          f'8, got {group_size!r}')
     samples, permutation = samples_view(x.detach())
     n, m = samples.shape
-    widths = _bits_per_sample(bits, n)
-    offsets = [0, *itertools.accumulate((m * b + 7) // 8 for b in widths)]
-    seed = _draw_seed() if seed is None else (int(seed) + 2**63) % 2**64 - 2**63  # to int64
-    widths_t = torch.tensor(widths, dtype=torch.uint8, device=x.device)
-    offsets_t = torch.tensor(offsets, dtype=torch.int64, device=x.device)
-    data, meta = ops.quantize(samples, widths_t, offsets_t, group_size, seed, bool(stochastic),
-                              offsets[-1])
-    _check_finite(meta, max(1, -(-m // group_size)))
-    return CompressedTensor(data, meta, widths_t, offsets_t, x.shape, x.dtype, permutation,
-                            group_size)
+    widths = _widths(bits, n, x.device)
+    offsets, total_bytes = _stream_layout(widths, bits, m, budget)
+    seed = _draw_seed(x.device) if seed is None else (int(seed) + 2**63) % 2**64 - 2**63
+    data, meta = ops.quantize(samples, widths, offsets, group_size, seed, bool(stochastic),
+                              total_bytes)
+    compressed = CompressedTensor(data, meta, widths, offsets, x.shape, x.dtype, permutation,
+                                  group_size)
+    if checks_at_once(x.device):
+        if meta.numel() and int((meta.view(torch.int16) & 0x7FFF).amax()) >= _BF16_NON_FINITE:
+            raise_if_not_finite(compressed)
+    elif not defer_check:
+        raise_if_not_finite(compressed)
+    return compressed
 
 
 def dequantize(c: CompressedTensor,
@@ -210,11 +272,7 @@ def dequantize(c: CompressedTensor,
             that layout (each sample transposed as it is dequantized: no second full-size copy);
             None (or any other value) keeps the layout it was quantized from.
 
-    Raises:
-        ValueError: an activation quantized on an accelerator since the last check held NaN or
-            Inf (see :func:`check_pending`).
     """
-    check_pending()
     n = c.offsets.shape[0] - 1
     m = c.shape.numel() // n if n else 0
     if memory_format is torch.channels_last and len(c.shape) == 4 and c.permutation is None:

@@ -25,6 +25,12 @@ def grad_needed(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never for devices autocast does not know,
+    e.g. 'meta')."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """``tensors`` cast as autocast would for a matmul-like op (conv, linear) on their device.
 
@@ -33,7 +39,7 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Te
     dtypes.
     """
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t

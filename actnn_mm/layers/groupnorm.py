@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import QLayer, grad_needed
+from .base import QLayer, autocast_on, grad_needed
 from .norm import Grads, _channel_view, _reduce_dims, _rounding_bias
 from .saved import compresses, save_activation, saved_activation
 
@@ -126,7 +126,7 @@ def _autocast_float32(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.
     """``tensors`` in float32 where autocast runs layer_norm and group_norm in float32 (CUDA);
     CPU autocast keeps the input dtype. The casts' own backward restores the dtypes."""
     device_type = tensors[0].device.type
-    if device_type == 'cpu' or not torch.is_autocast_enabled(device_type):
+    if device_type == 'cpu' or not autocast_on(device_type):
         return tensors
     return tuple(t if t is None or not t.is_floating_point() else t.float() for t in tensors)
 

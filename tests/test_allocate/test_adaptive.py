@@ -5,20 +5,16 @@ import torch
 from torch import nn
 
 import actnn_mm
-from actnn_mm.allocate import allocator
-from actnn_mm.stats import step_log
+from actnn_mm.layers.state import model_state
 from test_layers.qchecks import assert_unbiased, settings
 
 
 @pytest.fixture(autouse=True)
-def fresh_state():
-    allocator.reset()
-    step_log.begin_step()
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    allocator.reset()
 
 
 def net() -> nn.Module:
@@ -38,7 +34,7 @@ def scaled_batch(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def step(model: nn.Module, x: torch.Tensor, indices=None) -> None:
-    actnn_mm.set_sample_indices(indices)
+    actnn_mm.set_sample_indices(model, indices)
     weight = torch.randn(x.shape[0], 10, generator=torch.Generator().manual_seed(1))
     (model(x) * weight).sum().backward()
 
@@ -112,7 +108,6 @@ def test_unbiased_under_adaptive_allocation():
 
 def test_allocation_is_deterministic():
     def run():
-        allocator.reset()
         model = actnn_mm.QModule(net())
         torch.manual_seed(5)
         with settings('L3'):
@@ -149,15 +144,18 @@ def test_sample_indices_remember_gradient_magnitudes():
     with settings('L3'):
         step(model, scaled_batch(4), [10, 11, 12, 13])
         step(model, scaled_batch(4, seed=1), [0, 1, 2, 3])  # the step boundary learns indices 10-13
+    allocator = model_state(model).allocator
     assert allocator.sample_seen[10:14].all() and not allocator.sample_seen[:10].any()
-    assert torch.allclose(allocator.sample_scale[10:14].mean(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.allclose(allocator.sample_scale[10:14].mean(),
+                          torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_gradients_observed_where_the_split_across_layers_uses_them():
     model = actnn_mm.QModule(net())
     with settings('L3'):
         step(model, scaled_batch(4))
-    observed = {type(m).__name__: s.grad_sq is not None for m, s in allocator.layers.items()}
+    observed = {type(m).__name__: s.grad_sq is not None
+                for m, s in model_state(model).allocator.layers.items()}
     assert observed == {'QConv2d': True, 'QLinear': True, 'QBatchNorm2d': False}
 
 

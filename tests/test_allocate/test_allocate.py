@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from actnn_mm.allocate import BITS, allocate, mean_square_range, sum_of_squares
+from actnn_mm.allocate import (BITS, _prefix_passes, allocate, allocate_samples, fan_in,
+                               mean_square_range, sum_of_squares)
 
 
 def _variance(sensitivity, bits):
@@ -39,6 +40,32 @@ def test_plain_python_path_matches_the_vectorised_one(k, monkeypatch):
         for budget in (1.0, 1.7, 2.0, 3.3, 8.0):
             few = alloc._allocate_few(sensitivity.tolist(), cost.tolist(), budget)
             assert torch.equal(few, allocate(sensitivity, cost, budget)), (trial, budget)
+
+
+@pytest.mark.parametrize('k', [0, 1, 2, 5, 16, 64, 200])
+def test_samples_on_the_device_get_exactly_the_greedy_bits(k):
+    """On a device, allocate_samples (tensor ops only, at most three prefix passes) gives
+    allocate's bits for items of equal cost, ties and zero sensitivities included."""
+    g = torch.Generator().manual_seed(k)
+    for trial in range(6):
+        sensitivity = torch.rand(k, generator=g) ** (1 + 4 * trial) * 10 ** (trial - 3)
+        sensitivity[1::4] = sensitivity[0::4][:len(sensitivity[1::4])]  # ties
+        sensitivity[::3] = 0
+        for budget in (1.0, 1.25, 1.7, 2.0, 2.5, 3.3, 4.0, 7.9, 8.0):
+            bits = _prefix_passes(sensitivity, budget)
+            assert bits.dtype == torch.uint8
+            assert torch.equal(bits, allocate_samples(sensitivity, budget))
+            assert torch.equal(bits.long(), allocate(sensitivity, torch.full((k,), 37.0),
+                                                     budget)), (trial, budget)
+
+
+def test_fan_in_of_each_weighted_layer():
+    assert fan_in(torch.nn.Conv2d(6, 8, 3, groups=2)) == 3 * 9
+    assert fan_in(torch.nn.Linear(5, 7)) == 5
+    # a transposed convolution's weight is (in, out / groups, *kernel): each output meets
+    # in / groups channels of the kernel's taps
+    assert fan_in(torch.nn.ConvTranspose2d(6, 8, (3, 2), groups=2)) == 3 * 6
+    assert fan_in(torch.nn.ConvTranspose1d(4, 10, 5)) == 4 * 5
 
 
 def test_full_budget_gives_every_item_eight_bits():

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import actnn_mm
-from actnn_mm.compress import quantize
 from actnn_mm.layers import held_bytes
-from actnn_mm.layers.saved import Offloaded, load, masked, pack_ints, save_packed, unpack_ints
+from actnn_mm.layers.packed import pack_ints, unpack_ints
+from actnn_mm.layers.saved import masked, save_packed
 from qchecks import assert_close_grads, grads, settings
 
 
@@ -88,10 +88,7 @@ def test_input_gradients_are_summed_in_place(layer, layout):
 def two_convs(converted=True):
     torch.manual_seed(0)
     convs = torch.nn.ModuleList([torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 1)])
-    if converted:
-        for conv in convs:
-            conv.__class__ = actnn_mm.QConv2d
-    return convs
+    return actnn_mm.convert(convs)[0] if converted else convs
 
 
 def test_one_activation_read_by_two_layers_is_compressed_once():
@@ -157,11 +154,3 @@ def test_swap_is_a_no_op_on_cpu():
         assert held_bytes() - start == 2 * at_l4 > 0
     (swapped.sum() + kept.sum()).backward()
     assert held_bytes() == start
-
-
-def test_offloaded_values_load_back_to_their_device():
-    x = torch.randn(3, 300)
-    compressed = quantize(x, 8)
-    mask = pack_ints(x > 0, 1)
-    assert torch.equal(load(Offloaded(mask, torch.device('cpu'))), x > 0)
-    assert torch.allclose(load(Offloaded(compressed, torch.device('cpu'))), x, atol=0.05)
