@@ -5,6 +5,9 @@ in the config (or ``--cfg-options actnn.level=L3``) adds the ActNNHook::
 
     python tools/train.py configs/actnn/faster_rcnn_r50_1gpu.py
     tools/dist_train.sh configs/actnn/faster_rcnn_r50_8gpu.py 8
+
+The run goes under :func:`actnn_mm.mm.compat_fixes` (resume under torch's ``weights_only``
+default, mmcv's ``adjust_hue`` under numpy 2), also when the config names ActNN layers only.
 """
 import argparse
 import os
@@ -15,7 +18,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from actnn_mm.mm import apply_actnn_key, setup_cpu_distributed
+from actnn_mm.mm import apply_actnn_key, compat_fixes, setup_cpu_distributed
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,8 +75,9 @@ def main() -> None:
     cfg = build_config(args)
     if args.launcher == 'pytorch':
         setup_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    with compat_fixes(cfg.work_dir):
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.train()
 
 
 if __name__ == '__main__':

@@ -12,12 +12,16 @@ input itself is kept and torch's kernels compute the exact gradients.
 QSyncBatchNorm synchronises statistics with ``torch.distributed`` collectives on any backend
 (gloo on the CPU included).
 """
-from typing import List, Optional, Tuple, Union
+import functools
+import sys
+import types
+from typing import FrozenSet, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as torch_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compress import ops
@@ -27,9 +31,50 @@ from .saved import compresses, save_activation, saved_activation
 
 Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
-# Key in the __dict__ of a layer whose input nothing but the layer reads when it was made by a
-# convolution (set by :func:`actnn_mm.inplace.mark_inplace_norms`)
+# Key in the __dict__ of a layer whose input nothing but the layer reads when its structure's code
+# passes it the convolution's output: (convolution, structure), set by
+# :func:`actnn_mm.inplace.mark_inplace_norms`
 INPLACE_INPUT = '_actnn_inplace_input'
+# Modules whose frames lie between a layer's forward and the code that called the layer
+_CALL_MACHINERY = (__name__, torch_module.__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _codes(structure: type) -> FrozenSet[types.CodeType]:
+    """The code of the functions ``structure`` defines, with the functions nested in them (e.g.
+    the ``_inner_forward`` of OpenMMLab's ResNet blocks)."""
+    todo = [f.__code__ for f in vars(structure).values() if isinstance(f, types.FunctionType)]
+    codes = set()
+    while todo:
+        code = todo.pop()
+        codes.add(code)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return frozenset(codes)
+
+
+def _caller_code() -> Optional[types.CodeType]:
+    """The code that called the layer whose forward runs this (past Module.__call__)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get('__name__') in _CALL_MACHINERY:
+        frame = frame.f_back
+    return None if frame is None else frame.f_code
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def overwrites_input(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether training layer ``module``, called from its forward, may normalize ``x`` in place:
+    nothing else can see ``x`` (the conditions are listed in :mod:`actnn_mm.inplace`)."""
+    mark = module.__dict__.get(INPLACE_INPUT)
+    if mark is None or not made_by_conv(x) or x.retains_grad:
+        return False
+    conv, structure = mark
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or _hooked(conv) or _hooked(module)):
+        return False
+    return _caller_code() in _codes(structure)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -61,17 +106,16 @@ def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.
                            x: torch.Tensor, weight: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                            running_var: Optional[torch.Tensor], training: bool, momentum: float,
-                           eps: float) -> torch.Tensor:
+                           eps: float, overwrite: bool) -> torch.Tensor:
     """Forward of a layer that keeps its normalized input compressed, with one full-size tensor
     instead of two: ``xh`` is computed first (training: with the batch statistics, updating the
     running ones), kept compressed, then turned into the output in place (``xh * w + b``).
 
-    A training layer marked :data:`INPLACE_INPUT` normalizes into ``x`` itself when an ActNN
-    convolution made it: then only ``x`` is full-size (see :mod:`actnn_mm.inplace`).
+    With ``overwrite`` (:func:`overwrites_input`) a training layer normalizes into a float32,
+    contiguous ``x`` itself: then only ``x`` is full-size (see :mod:`actnn_mm.inplace`).
     """
     if training:
-        if module.__dict__.get(INPLACE_INPUT) and made_by_conv(x) \
-                and x.dtype == torch.float32 and x.is_contiguous():
+        if overwrite and x.dtype == torch.float32 and x.is_contiguous():
             mean = x.new_empty(x.shape[1])
             invstd = torch.empty_like(mean)
             torch.ops.aten.native_batch_norm.out(x, None, None, running_mean, running_var, True,
@@ -207,13 +251,14 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                module: nn.Module, training: bool, momentum: float, eps: float) -> torch.Tensor:
+                module: nn.Module, training: bool, momentum: float, eps: float,
+                overwrite: bool) -> torch.Tensor:
         ctx.training, ctx.eps = training, eps
         need_x = any(ctx.needs_input_grad[:2]) if training else ctx.needs_input_grad[1]
         if need_x and compresses(x, module):
             ctx.normalized = True
             return _normalize_then_affine(ctx, module, x, weight, bias, running_mean, running_var,
-                                          training, momentum, eps)
+                                          training, momentum, eps, overwrite)
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.normalized = False
@@ -238,7 +283,7 @@ class _BatchNormFunction(torch.autograd.Function):
             if kept is not None and not ctx.normalized:
                 kept = _normalized(kept, first, second, ctx.eps)
             grads = _eval_backward(grad, kept, weight, (second + ctx.eps).rsqrt(), needs)
-        return (*grads,) + (None,) * 6
+        return (*grads,) + (None,) * 7
 
 
 def _sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -349,8 +394,9 @@ class _QBatchNormMixin(QLayer):
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {input.size()}')
         factor = _momentum_factor(self)
+        overwrite = training and overwrites_input(self, input)
         return _BatchNormFunction.apply(input, self.weight, self.bias, *_tracked_stats(self), self,
-                                        training, factor, self.eps)
+                                        training, factor, self.eps, overwrite)
 
 
 class QBatchNorm1d(_QBatchNormMixin, nn.BatchNorm1d):

@@ -3,38 +3,58 @@
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, so torch refuses the checkpoints
 mmengine itself writes: their message hub pickles ``HistoryBuffer`` objects, numpy arrays and
 ``getattr`` references to methods, and no allow-list of types can admit ``getattr`` safely.
-Instead of turning the safety off for every file, the local loader here (registered with
-mmengine's ``CheckpointLoader``) trusts only the work directories of runs on this machine (the
-files their own runner wrote, e.g. for ``--resume``) and loads every other file as torch does,
-with ``weights_only=True``. Plain state dicts (pretrained weights) load either way.
+Instead of turning the safety off for every file, :func:`trusted_checkpoints` replaces mmengine's
+local loader, while the context lasts, by one that trusts a single folder (a run's own work_dir:
+the files its runner wrote, e.g. for ``--resume``) and hands every other file to the loader it
+replaced, which loads it as torch does, with ``weights_only=True``. Plain state dicts
+(pretrained weights) load either way. Importing ``actnn_mm`` changes nothing here.
 """
+import contextlib
 import os
 import os.path as osp
-from typing import List, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-_trusted: List[str] = []
+Loader = Callable[[str, Optional[Union[str, torch.device]]], dict]
 
 
-def trust_directory(path: str) -> None:
-    """Load checkpoints below ``path`` (a run's own work_dir) without ``weights_only``."""
-    real = osp.realpath(path)
-    if real not in _trusted:
-        _trusted.append(real)
+def _local_loader() -> Loader:
+    """The loader mmengine uses now for local paths."""
+    return CheckpointLoader._schemes['']
 
 
-def is_trusted(filename: str) -> bool:
-    real = osp.realpath(filename)
-    return any(real.startswith(root + os.sep) for root in _trusted)
+def _install(loader: Loader) -> None:
+    CheckpointLoader.register_scheme(prefixes='', loader=loader, force=True)
 
 
-@CheckpointLoader.register_scheme(prefixes='', force=True)
-def load_from_local(filename: str,
-                    map_location: Optional[Union[str, torch.device]] = None) -> dict:
-    """mmengine's local loader, with ``weights_only=False`` only for trusted work dirs."""
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    return torch.load(filename, map_location=map_location, weights_only=not is_trusted(filename))
+@contextlib.contextmanager
+def trusted_checkpoints(directory: str) -> Iterator[None]:
+    """Load the checkpoints below ``directory`` without ``weights_only`` while the context lasts.
+
+    Contexts nest: each trusts its folder and hands other files to the loader in place when it
+    was entered; on exit that loader is back (unless someone replaced this one meanwhile).
+
+    Args:
+        directory: a folder whose files this process trusts, e.g. the run's own work_dir.
+    """
+    root = osp.realpath(directory)
+    previous = _local_loader()
+
+    def load_from_local(filename: str,
+                        map_location: Optional[Union[str, torch.device]] = None) -> dict:
+        """mmengine's local loader, with ``weights_only=False`` below the trusted folder."""
+        path = osp.realpath(osp.expanduser(filename))
+        if not path.startswith(root + os.sep):
+            return previous(filename, map_location)
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    _install(load_from_local)
+    try:
+        yield
+    finally:
+        if _local_loader() is load_from_local:
+            _install(previous)

@@ -228,12 +228,11 @@ def test_channels_last_backward_matches_torch(needs):
                            {'weight': want[1], 'bias': want[2]}, rtol=3e-2)
 
 
-
 def _as_q(module: nn.Conv2d) -> nn.Conv2d:
+    """A QConv2d copy of ``module`` (the torch one stays)."""
     q = copy.deepcopy(module)
     q.__class__ = actnn_mm.QConv2d
     return q
-
 
 
 @pytest.mark.parametrize('heavy_first', [True, False])
@@ -260,9 +259,3 @@ def test_readers_of_one_input_return_one_layout(heavy_first):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # read by no heavy ActNN convolution, the light one keeps torch's layout
     assert input_grad([light], True).is_contiguous()
-
-
-def _as_q(module: nn.Conv2d) -> nn.Conv2d:
-    q = copy.deepcopy(module)
-    q.__class__ = actnn_mm.QConv2d
-    return q

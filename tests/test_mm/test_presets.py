@@ -345,18 +345,20 @@ def test_single_gpu_preset_trains_on_demo_data(name, demo_data, tmp_path):
 
 
 @pytest.mark.parametrize('backend', ['pillow', 'cv2'])
-def test_color_jitter_hue_under_numpy2(backend):
+def test_color_jitter_hue_under_numpy2(backend, tmp_path):
     """The MoCo v2 presets' augmentation needs mmcv.adjust_hue with negative factors: mmcv 2.1.0
     computes np.uint8(hue_factor * 255), which numpy >= 2 refuses for negative factors;
-    actnn_mm.mm.compat (imported with actnn_mm) restores numpy 1's wrap-around."""
+    actnn_mm.mm.compat_fixes (entered by tools/train.py and the ActNNHook) restores numpy 1's
+    wrap-around."""
     import mmcv
     import numpy as np
 
-    import actnn_mm  # noqa: F401
+    from actnn_mm.mm import compat_fixes
     cfg = Config.fromfile(preset_path('moco_r50_v2_1gpu'))
     views = cfg.train_dataloader.dataset.pipeline[1]['transforms'][0]
     jitter = [t for v in views if v['type'] == 'RandomApply' for t in v['transforms']]
     assert jitter[0]['type'] == 'ColorJitter' and jitter[0]['hue'] == 0.1
     img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    out = mmcv.adjust_hue(img, -jitter[0]['hue'], backend=backend)
+    with compat_fixes(str(tmp_path)):
+        out = mmcv.adjust_hue(img, -jitter[0]['hue'], backend=backend)
     assert out.shape == img.shape and out.dtype == np.uint8

@@ -109,12 +109,12 @@ def test_resume_continues_from_the_checkpoint(detector_run):
 
 def test_converted_checkpoint_loads_into_plain_mmdet(detector_run):
     from mmdet.apis import inference_detector, init_detector
-    from actnn_mm.mm import trust_directory
+    from actnn_mm.mm import trusted_checkpoints
 
     config, work, _ = detector_run
-    trust_directory(str(work))
-    model = init_detector(config, str(work / 'iter_2.pth'), device='cpu',
-                          cfg_options=dict(actnn=None, custom_hooks=[]))
+    with trusted_checkpoints(str(work)):
+        model = init_detector(config, str(work / 'iter_2.pth'), device='cpu',
+                              cfg_options=dict(actnn=None, custom_hooks=[]))
     assert not any(type(m).__name__.startswith('Q') for m in model.modules())
     result = inference_detector(model, torch.randint(0, 255, (128, 128, 3), dtype=torch.uint8)
                                 .numpy())

@@ -93,7 +93,8 @@ def private_rounding_seeds(monkeypatch):
     """
     generator = torch.Generator().manual_seed(0)
     seed = torch.empty((), dtype=torch.int64)
-    monkeypatch.setattr(codec, '_draw_seed', lambda: int(seed.random_(generator=generator)))
+    monkeypatch.setattr(codec, '_draw_seed',
+                        lambda device: int(seed.random_(generator=generator)))
     with settings('L3'):
         yield
 

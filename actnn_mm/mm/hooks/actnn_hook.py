@@ -1,4 +1,5 @@
 """ActNNHook: activation-compressed training for any mmengine Runner."""
+import contextlib
 import dataclasses
 from typing import Any, Optional, Sequence
 
@@ -6,12 +7,12 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...allocate import set_sample_indices
 from ...config import LEVELS, Config, config, set_optimization_level
 from ...convert import convert
 from ...generic import compress_saved_tensors, report_first_step
+from ...layers.state import set_sample_indices
 from ...stats import stats
-from ..checkpoint import trust_directory
+from ..compat import compat_fixes
 
 # Knobs of actnn_mm.config that the hook may set besides the level.
 KNOBS = tuple(f.name for f in dataclasses.fields(Config) if f.name != 'level')
@@ -30,8 +31,10 @@ class ActNNHook(Hook):
     (attention, interpolation, ...); without it, the first iteration logs the modules that keep
     large full-precision activations. Validation and testing run without gradients, so nothing is
     compressed there. The average bits, the MiB kept and the ratio to full precision are logged
-    as ``actnn/avg_bits``, ``actnn/mib`` and ``actnn/ratio``. Checkpoints in the run's work_dir
-    can be resumed under torch's ``weights_only`` default (see ``actnn_mm.mm.checkpoint``).
+    as ``actnn/avg_bits``, ``actnn/mib`` and ``actnn/ratio``. From ``before_run`` to
+    ``after_run`` the fixes of :func:`actnn_mm.mm.compat_fixes` are in force: checkpoints in the
+    run's work_dir resume under torch's ``weights_only`` default, and mmcv's ``adjust_hue``
+    works under numpy 2.
 
     Args:
         level: ActNN optimization level, 'L0'..'L5'.
@@ -54,9 +57,11 @@ class ActNNHook(Hook):
         self.knobs = knobs
         self._model = None
         self._generic: Optional[compress_saved_tensors] = None
+        self._fixes = contextlib.ExitStack()
 
     def before_run(self, runner: Any) -> None:
-        trust_directory(runner.work_dir)  # so that --resume can read what this run writes
+        self._fixes.close()  # those of an earlier run that ended without after_run (an error)
+        self._fixes.enter_context(compat_fixes(runner.work_dir))
         set_optimization_level(self.level)
         for name, value in self.knobs.items():
             setattr(config, name, value)
@@ -66,7 +71,7 @@ class ActNNHook(Hook):
         report_first_step(self._model)  # without generic mode: what stays in full precision
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
-        set_sample_indices(_sample_indices(data_batch))
+        set_sample_indices(self._model, _sample_indices(data_batch))
         if self.generic:
             self._generic = compress_saved_tensors(self._model).__enter__()
 
@@ -82,6 +87,9 @@ class ActNNHook(Hook):
         hub.update_scalar('train/actnn/mib', step['compressed_bytes'] / 2**20)
         if step['ratio'] is not None:
             hub.update_scalar('train/actnn/ratio', step['ratio'])
+
+    def after_run(self, runner: Any) -> None:
+        self._fixes.close()
 
 
 def _sample_indices(data_batch: Any) -> Optional[Sequence[int]]:

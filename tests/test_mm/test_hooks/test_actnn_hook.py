@@ -41,14 +41,18 @@ class ToyData(Dataset):
         return dict(inputs=torch.randn(3, 16, 16, generator=g), data_samples=torch.tensor(i % 2))
 
 
-def toy_runner(tmp_path, **hook) -> Runner:
+def toy_runner(tmp_path, actnn: bool = True, resume: bool = False, **hook) -> Runner:
+    """3 iterations, a checkpoint after the last; with the ActNNHook (``hook``: its arguments)."""
     return Runner(
         model=ToyModel(), work_dir=str(tmp_path),
         train_dataloader=dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=False),
                               batch_size=4, num_workers=0),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        train_cfg=dict(by_epoch=False, max_iters=3), default_hooks=dict(logger=dict(type='LoggerHook', interval=1)),
-        custom_hooks=[dict(type='ActNNHook', **hook)], default_scope='mmengine')
+        train_cfg=dict(by_epoch=False, max_iters=3),
+        default_hooks=dict(logger=dict(type='LoggerHook', interval=1),
+                           checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False)),
+        custom_hooks=[dict(type='ActNNHook', **hook)] if actnn else [], default_scope='mmengine',
+        resume=resume)
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +79,7 @@ def test_validation_and_testing_stay_uncompressed(tmp_path):
     the plain ops: nothing is kept and the outputs equal the plain model's, bit for bit."""
     import copy
 
-    from actnn_mm.stats import step_log
+    from actnn_mm.layers.state import model_state
 
     runner = toy_runner(tmp_path, level='L3')
     runner.train()
@@ -83,11 +87,41 @@ def test_validation_and_testing_stay_uncompressed(tmp_path):
     plain = actnn_mm.revert(copy.deepcopy(model))
     assert not any(type(m).__name__.startswith('Q') for m in plain.modules())
     inputs = [ToyData()[i]['inputs'] for i in range(4)]
-    step_log.begin_step()
+    model_state(model).step_log.begin_step()
     with torch.no_grad():
         out = model(inputs)
         assert torch.equal(out, plain(inputs))
     assert actnn_mm.stats(model)['compressed_bytes'] == 0
+
+
+def test_fixes_hold_while_the_run_goes_and_resume_works(tmp_path):
+    """While the hook's run goes, the run's own checkpoints load under torch's weights_only
+    default (resume) and mmcv's adjust_hue takes negative factors; before and after it, mmengine
+    and mmcv are as they were, and a run without the hook cannot resume."""
+    import mmcv
+    from mmengine.hooks import Hook
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def stack():
+        return CheckpointLoader._schemes[''], mmcv.adjust_hue
+
+    original, seen = stack(), []
+
+    class Probe(Hook):
+        def before_train(self, runner: Runner) -> None:
+            seen.append(stack())
+
+    runner = toy_runner(tmp_path, level='L3')
+    runner.register_hook(Probe())
+    runner.train()
+    assert all(now is not then for now, then in zip(seen[0], original))
+    assert stack() == original
+    with pytest.raises(Exception, match='[Ww]eights only'):
+        toy_runner(tmp_path, actnn=False, resume=True).train()
+    assert stack() == original
+    resumed = toy_runner(tmp_path, resume=True, level='L3')
+    resumed.train()
+    assert resumed.iter == 3 and stack() == original
 
 
 def test_hook_level_and_knobs(tmp_path):
