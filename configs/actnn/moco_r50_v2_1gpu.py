@@ -21,7 +21,7 @@
 # - No frozen stages, norm_eval=False (self-supervised training from scratch, as upstream).
 # - Level L3: 2 bits on average with per-sample, per-layer mixed precision (ActNN's default).
 # - With numpy >= 2, mmcv 2.1.0's adjust_hue (ColorJitter hue=0.1 upstream) fails for negative
-#   hue factors; importing actnn_mm fixes it (see docs/openmmlab.md, Known issues).
+#   hue factors; tools/train.py and the ActNNHook fix it while the run goes (docs/openmmlab.md).
 _base_ = 'mmpretrain::mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'
 
 model = dict(

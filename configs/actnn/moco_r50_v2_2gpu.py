@@ -18,7 +18,7 @@
 #   (nn.Linear, nn.ReLU; it takes no layer configs).
 # - No frozen stages, norm_eval=False (training from scratch, as upstream). Level L3.
 # - With numpy >= 2, mmcv 2.1.0's adjust_hue (ColorJitter hue=0.1 upstream) fails for negative
-#   hue factors; importing actnn_mm fixes it (see docs/openmmlab.md, Known issues).
+#   hue factors; tools/train.py and the ActNNHook fix it while the run goes (docs/openmmlab.md).
 _base_ = './moco_r50_v2_1gpu.py'
 
 # 2 GPUs x 256 images = 512 with batch statistics over both (QSyncBN) and the lr scaled linearly.
