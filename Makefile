@@ -11,9 +11,10 @@ $(VENV)/.deps-installed: requirements.txt tools/install.sh
 	VENV=$(VENV) bash tools/install.sh
 	touch $@
 
-# Editable install; builds actnn_mm._C against the venv's torch (no isolated build env).
+# Editable install; builds actnn_mm._C against the venv's torch (no isolated build env), with the
+# CUDA kernels for the visible GPUs when there are some (see setup.py).
 $(VENV)/.ext-built: $(VENV)/.deps-installed setup.py $(CSRC)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	. tools/cuda_home.sh && $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 test: install
@@ -29,7 +30,8 @@ demo: install
 bench: install
 	$(PY) tools/benchmark.py codec
 
-# Compiles and links the CUDA kernels into a temporary folder (no GPU needed) and loads them.
+# Compiles and links the CUDA kernels into a temporary folder and loads them: needs nvcc (fails
+# without it), not a GPU.
 cuda-build: install
 	VENV=$(VENV) bash tools/build_cuda.sh
 

@@ -2,7 +2,8 @@
 
 The CPU kernels are always built. The CUDA kernels are added when a GPU is visible or
 ``FORCE_CUDA=1`` (e.g. to compile and link them on a machine without a GPU); ``CUDA_HOME`` must then
-name the toolkit folder. Both use the same header math, compiled without floating-point
+name the toolkit folder. They are compiled for the archs in ``TORCH_CUDA_ARCH_LIST`` if set, else
+for those of the visible GPUs only. Both use the same header math, compiled without floating-point
 contraction so every backend rounds like the pure-PyTorch reference.
 """
 import glob
@@ -13,6 +14,17 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 import torch
 
 
+def cuda_arch_list() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` if set, else the compute capabilities of the visible GPUs."""
+    archs = os.getenv('TORCH_CUDA_ARCH_LIST') or ';'.join(
+        '%d.%d' % capability for capability in sorted(
+            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    if not archs:
+        raise SystemExit('actnn_mm: FORCE_CUDA=1 without a visible GPU: set TORCH_CUDA_ARCH_LIST '
+                         'to the GPU archs to compile the CUDA kernels for, e.g. "8.0;9.0"')
+    return archs
+
+
 def codec_extension():
     sources = ['csrc/actnn.cpp'] + sorted(glob.glob('csrc/cpu/*.cpp'))
     cxx = ['-O3', '-std=c++20', '-ffp-contract=off', '-fopenmp']
@@ -20,6 +32,9 @@ def codec_extension():
     if not with_cuda:
         return CppExtension('actnn_mm._C', sources, extra_compile_args={'cxx': cxx},
                             extra_link_args=['-fopenmp'])
+    os.environ['TORCH_CUDA_ARCH_LIST'] = cuda_arch_list()  # read by torch's BuildExtension
+    print(f'actnn_mm: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST='
+          f'{os.environ["TORCH_CUDA_ARCH_LIST"]}')
     return CUDAExtension(
         'actnn_mm._C', sources + sorted(glob.glob('csrc/cuda/*.cu')),
         define_macros=[('WITH_CUDA', None)],

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Builds the extension with the CUDA kernels into a temporary folder and loads it: a CUDA compile
-# or link error fails. Needs nvcc, not a GPU. CUDA_HOME is taken from where nvcc really lives
-# (nvcc may be a wrapper script, so its path alone does not tell).
+# Builds the extension with the CUDA kernels into a temporary folder and loads it: a missing
+# nvcc, a CUDA compile or a link error fails. Needs nvcc, not a GPU. Compiles for
+# TORCH_CUDA_ARCH_LIST, by default 8.0;9.0 (A100, H100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(realpath "${VENV:-.venv}")/bin/python
-command -v nvcc >/dev/null || { echo "nvcc not found: skipping the CUDA build"; exit 0; }
+# shellcheck source=tools/cuda_home.sh
+. tools/cuda_home.sh
 if [ -z "${CUDA_HOME:-}" ]; then
-  top=$(cd /tmp && nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  CUDA_HOME=$(cd "$top" && pwd -P)
+  echo "error: make cuda-build compiles the CUDA kernels and needs the CUDA toolkit: nvcc is not" \
+       "on PATH and CUDA_HOME is not set" >&2
+  exit 1
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 echo "Building the CUDA extension with CUDA_HOME=$CUDA_HOME into $out"
-FORCE_CUDA=1 CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} \
-  MAX_JOBS=${MAX_JOBS:-2} $PY setup.py -q build_ext --build-lib "$out/lib" --build-temp "$out/tmp"
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} MAX_JOBS=${MAX_JOBS:-2} \
+  "$PY" setup.py -q build_ext --build-lib "$out/lib" --build-temp "$out/tmp"
 so=$(ls "$out"/lib/actnn_mm/_C*.so)
 # Load it alone (not beside the installed CPU build, whose op registrations would clash).
-(cd "$out" && $PY - "$so" <<'PY'
+(cd "$out" && "$PY" - "$so" <<'PY'
 import importlib.util, sys
 import torch
 spec = importlib.util.spec_from_file_location('_C', sys.argv[1])

@@ -160,6 +160,8 @@ class QGroupNorm(_QSampleNorm, nn.GroupNorm):
     def _native_backward(self, grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                          rstd: torch.Tensor, weight: Optional[torch.Tensor],
                          needs: List[bool]) -> Grads:
+        if grad.stride() != x.stride():  # torch 2.11's CPU kernel reads both in x's layout
+            grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
         return torch.ops.aten.native_group_norm_backward(grad, x, mean, rstd, weight,
                                                          *self._sizes(x), self.num_groups, needs)
 

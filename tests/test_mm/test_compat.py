@@ -13,7 +13,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from actnn_mm.mm import compat_fixes, trusted_checkpoints
-from conftest import REPO, TOOLS
+from test_mm.conftest import REPO, TOOLS
 
 IMPORT_ONLY = """
 import mmcv

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PRESET_DIR, REPO, TOOLS
+from test_mm.conftest import PRESET_DIR, REPO, TOOLS
 
 DET_TEST_CONFIG = """
 _base_ = '{base}'
