@@ -20,7 +20,8 @@
 _base_ = './fcn_r50_1gpu.py'
 
 # Batch statistics over all processes (QSyncBN), 4 GPUs x 2 images = the official total of 8.
-sync_bn = dict(type='QSyncBN', requires_grad=True)
-model = dict(backbone=dict(norm_cfg=sync_bn), decode_head=dict(norm_cfg=sync_bn),
-             auxiliary_head=dict(norm_cfg=sync_bn))
+# (Not named `sync_bn`: mmengine reads a top-level `sync_bn` as its own SyncBN conversion.)
+norm_cfg = dict(type='QSyncBN', requires_grad=True)
+model = dict(backbone=dict(norm_cfg=norm_cfg), decode_head=dict(norm_cfg=norm_cfg),
+             auxiliary_head=dict(norm_cfg=norm_cfg))
 train_dataloader = dict(batch_size=2, num_workers=2)

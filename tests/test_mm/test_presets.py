@@ -130,6 +130,9 @@ def test_preset_inherits_upstream_and_keeps_its_recipe(name):
     assert not cfg.auto_scale_lr.enable
     up_batch, up_lr = UPSTREAM_BATCH_LR[preset.upstream]
     assert preset.lr / total == pytest.approx(up_lr / up_batch)
+    # mmengine's distributed Runner reads a top-level `sync_bn` as its SyncBN conversion
+    # ('torch' or 'mmcv'): anything else fails every multi-GPU run at start-up.
+    assert cfg.get('sync_bn') in (None, 'torch', 'mmcv')
     # The Runner calls a collate_fn with its config's keys: no `_scope_` (which mmengine adds
     # to typed dicts inherited from another package's config) may reach it.
     assert '_scope_' not in cfg.train_dataloader.get('collate_fn', {})
