@@ -45,3 +45,14 @@ def pytest_runtest_call(item):
 
 
 pytest_runtest_setup = pytest_runtest_call  # fixtures import too
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread for the test (results that must not depend on how work is split)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,12 +16,7 @@ from actnn_mm.layers.norm import INPLACE_INPUT
 from test_layers.qchecks import settings
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def marked(model: nn.Module):

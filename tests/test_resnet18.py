@@ -10,12 +10,7 @@ from actnn_mm.layers import held_bytes
 from test_layers.qchecks import assert_unbiased, settings
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def resnet18():

@@ -4,14 +4,14 @@
 #
 #   tools/gpu_check.sh OUT_DIR [--cpu-dry-run]
 #
-# Stages, each under its own time limit in seconds (470 in all):
+# Stages, each under its own time limit in seconds (480 in all):
 #   info       nvidia-smi, torch, nvcc (20)
 #   build      the extension with its CUDA kernels for the local GPU's arch, in the tree (BUILD_S,
-#              default 160)
+#              default 140)
 #   load       actnn_mm._C imports and has the CUDA kernels (20)
 #   tests      the CUDA cases of the codec, layer, allocation, conversion and hot-path tests
-#              (TESTS_S, default 110)
-#   benchmark  tools/benchmark.py gpu --out OUT_DIR (BENCH_S, default 160)
+#              (TESTS_S, default 150)
+#   benchmark  tools/benchmark.py gpu --out OUT_DIR (BENCH_S, default 150)
 # Each stage's output is in OUT_DIR/<stage>.log, the tests' JUnit XML in OUT_DIR/tests.xml, the
 # benchmark's results in OUT_DIR, the verdict of each stage in OUT_DIR/summary.txt. Every stage
 # runs even if an earlier one failed, except after a failed build. The exit status is 0 when all
@@ -112,13 +112,13 @@ stage() {
   return "$rc"
 }
 
-export BENCH_S=${BENCH_S:-160}
+export BENCH_S=${BENCH_S:-150}
 export -f info build load tests benchmark
 stage info 20 || true
 cat "$OUT/info.log"
-if stage build "${BUILD_S:-160}"; then
+if stage build "${BUILD_S:-140}"; then
   stage load 20 || true
-  stage tests "${TESTS_S:-110}" || true
+  stage tests "${TESTS_S:-150}" || true
   stage benchmark "$BENCH_S" || true
 else
   printf '%-10s NOT RUN: the build failed\n' load tests benchmark | tee -a "$OUT/summary.txt"

@@ -9,12 +9,7 @@ from actnn_mm.layers.state import model_state
 from test_layers.qchecks import assert_unbiased, settings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def net() -> nn.Module:

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from test_layers.qchecks import DEVICES  # by package: test_generic.py imports this conftest
+
 
 @pytest.fixture(autouse=True)
 def single_thread():
@@ -11,3 +13,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device a test runs its layers on: the CPU, and CUDA where there is a GPU (the CUDA
+    cases are collected everywhere and skipped without one)."""
+    return request.param

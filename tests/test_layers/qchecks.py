@@ -4,10 +4,16 @@ import contextlib
 import dataclasses
 from typing import Callable, Dict, Iterator, List, Sequence
 
+import pytest
 import torch
 
 import actnn_mm
 from actnn_mm import config
+
+# The devices the layer tests run on (the ``device`` fixture of conftest.py): the CUDA cases are
+# collected everywhere and skipped without a GPU, so the CPU runs stay as they were.
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA GPU'))]
 
 
 def spy_quantize(monkeypatch) -> List[torch.dtype]:
@@ -41,7 +47,7 @@ def grads(module: torch.nn.Module, inputs: Sequence[torch.Tensor],
     """Output and gradients (inputs, parameters) of ``(module(*inputs) * loss_weight).sum()``.
 
     ``loss_weight`` (same shape as the output; random by default, seeded) makes the upstream
-    gradient non-trivial.
+    gradient non-trivial; it is drawn on the CPU, so every device sees the same values.
     """
     inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
     for p in module.parameters():
@@ -49,7 +55,7 @@ def grads(module: torch.nn.Module, inputs: Sequence[torch.Tensor],
     out = module(*inputs, **kwargs)
     if loss_weight is None:
         loss_weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    (out.float() * loss_weight).sum().backward()
+    (out.float() * loss_weight.to(out.device)).sum().backward()
     result = {'out': out.detach()}
     result.update({f'input{i}': x.grad for i, x in enumerate(inputs) if x.grad is not None})
     result.update({name: p.grad.clone() for name, p in module.named_parameters()

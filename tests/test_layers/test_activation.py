@@ -7,11 +7,11 @@ import actnn_mm
 from qchecks import assert_close_grads, grads, settings
 
 
-def make_input(shape=(3, 4, 5, 7), dtype=torch.float32, channels_last=False):
+def make_input(shape=(3, 4, 5, 7), dtype=torch.float32, channels_last=False, device='cpu'):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype)
     x.view(-1)[:3] = 0  # the kink: torch's gradient is 0 there
-    return x.to(memory_format=torch.channels_last) if channels_last else x
+    return (x.to(memory_format=torch.channels_last) if channels_last else x).to(device)
 
 
 class Chain(nn.Module):
@@ -29,8 +29,8 @@ class Chain(nn.Module):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('level', ['L0', 'L3'])
-def test_exact_gradients(inplace, dtype, channels_last, level):
-    x = make_input(dtype=dtype, channels_last=channels_last)
+def test_exact_gradients(inplace, dtype, channels_last, level, device):
+    x = make_input(dtype=dtype, channels_last=channels_last, device=device)
     with settings(level):
         got = grads(Chain(actnn_mm.QReLU(inplace)), [x])
     want = grads(Chain(nn.ReLU(inplace)), [x])
@@ -40,8 +40,8 @@ def test_exact_gradients(inplace, dtype, channels_last, level):
 
 
 @pytest.mark.parametrize('shape', [(5,), (3, 1), (2, 3, 5), (1, 1, 1, 1, 3)])
-def test_odd_sizes(shape):
-    x = make_input(shape)
+def test_odd_sizes(shape, device):
+    x = make_input(shape, device=device)
     with settings('L3'):
         assert_close_grads(grads(actnn_mm.QReLU(), [x]), grads(nn.ReLU(), [x]), rtol=0)
 

@@ -9,18 +9,19 @@ from qchecks import grads, settings
 @pytest.mark.parametrize('inplace', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_gradient_is_mask_times_scale(inplace, dtype, channels_last):
+def test_gradient_is_mask_times_scale(inplace, dtype, channels_last, device):
     torch.manual_seed(0)
     x = torch.randn(4, 6, 5, 5, dtype=dtype) + 5  # nowhere 0, so out == 0 only where dropped
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
+    x = x.to(device)
     p = 0.3
     drop = actnn_mm.QDropout(p, inplace)
     with settings('L3'):
         g = grads(torch.nn.Sequential(torch.nn.Identity(), drop) if not inplace else
                   _NonLeaf(drop), [x])
     kept = g['out'] != 0
-    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device)
     torch.testing.assert_close(g['out'], torch.where(kept, x / (1 - p), torch.zeros_like(x)))
     torch.testing.assert_close(g['input0'], torch.where(kept, (weight / (1 - p)).to(dtype),
                                                         torch.zeros_like(x)))
@@ -37,8 +38,8 @@ class _NonLeaf(torch.nn.Module):
         return self.drop(x * 1)
 
 
-def test_same_mask_as_torch_for_the_same_seed():
-    x = torch.randn(64, 32)
+def test_same_mask_as_torch_for_the_same_seed(device):
+    x = torch.randn(64, 32).to(device)
     torch.manual_seed(3)
     want = torch.nn.functional.dropout(x, 0.5)
     torch.manual_seed(3)

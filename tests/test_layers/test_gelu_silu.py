@@ -27,7 +27,7 @@ class Chain(nn.Module):
         return self.act(x * 1.5)
 
 
-def make(name, shape=(3, 4, 5, 7), dtype=torch.float32, channels_last=False):
+def make(name, shape=(3, 4, 5, 7), dtype=torch.float32, channels_last=False, device='cpu'):
     build, cls = LAYERS[name]
     ref = build()
     q = build()
@@ -36,14 +36,14 @@ def make(name, shape=(3, 4, 5, 7), dtype=torch.float32, channels_last=False):
     x = (torch.randn(shape) * 2).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    return Chain(ref), Chain(q), x
+    return Chain(ref), Chain(q), x.to(device)
 
 
 @pytest.mark.parametrize('name', list(LAYERS))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize('level', ['L0', 'L1'])
-def test_uncompressed_equals_torch(name, dtype, level):
-    ref, q, x = make(name, dtype=dtype)
+def test_uncompressed_equals_torch(name, dtype, level, device):
+    ref, q, x = make(name, dtype=dtype, device=device)
     with settings(level):
         assert_close_grads(grads(q, [x]), grads(ref, [x]), rtol=0)
 
@@ -57,8 +57,8 @@ def test_float64_stays_exact_when_compressing(name):
 
 @pytest.mark.parametrize('name', list(LAYERS))
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_8bit_close(name, channels_last):
-    ref, q, x = make(name, channels_last=channels_last)
+def test_8bit_close(name, channels_last, device):
+    ref, q, x = make(name, channels_last=channels_last, device=device)
     want = grads(ref, [x])
     with settings('L2', activation_compression_bits=[8]):
         got = grads(q, [x])
@@ -71,8 +71,8 @@ def test_8bit_close(name, channels_last):
 
 @pytest.mark.parametrize('name', list(LAYERS))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_2bit_unbiased(name, dtype):
-    ref, q, x = make(name, shape=(4, 6, 16), dtype=dtype)
+def test_2bit_unbiased(name, dtype, device):
+    ref, q, x = make(name, shape=(4, 6, 16), dtype=dtype, device=device)
     want = grads(ref, [x])
     with settings('L3', **TWO_BITS):
         assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['input0'])

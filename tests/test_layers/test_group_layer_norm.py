@@ -28,7 +28,9 @@ Q = {nn.GroupNorm: actnn_mm.QGroupNorm, nn.LayerNorm: actnn_mm.QLayerNorm}
 TWO_BITS = dict(adaptive=False)  # L3 at a uniform 2 bits
 
 
-def make(case, options=None, dtype=torch.float32, channels_last=False):
+def make(case, options=None, dtype=torch.float32, channels_last=False, device='cpu'):
+    """(torch layer, the same converted, input), made on the CPU (the same values on every
+    device), then moved to ``device``."""
     cls, args, shape = CASES[case]
     torch.manual_seed(0)
     ref = cls(*args, **(options or {}))
@@ -38,6 +40,7 @@ def make(case, options=None, dtype=torch.float32, channels_last=False):
     x = (torch.randn(shape) * 3 + 2).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
+    ref, x = ref.to(device), x.to(device)
     q = copy.deepcopy(ref)
     q.__class__ = Q[cls]
     return ref, q, x
@@ -49,8 +52,8 @@ def option_cases():
 
 @pytest.mark.parametrize('case,option', option_cases())
 @pytest.mark.parametrize('level', ['L0', 'L1'])
-def test_uncompressed_equals_torch(case, option, level):
-    ref, q, x = make(case, OPTIONS[CASES[case][0]][option])
+def test_uncompressed_equals_torch(case, option, level, device):
+    ref, q, x = make(case, OPTIONS[CASES[case][0]][option], device=device)
     with settings(level):
         got = grads(q, [x])
     assert_close_grads(got, grads(ref, [x]), rtol=0)
@@ -58,8 +61,8 @@ def test_uncompressed_equals_torch(case, option, level):
 
 
 @pytest.mark.parametrize('case,option', option_cases())
-def test_8bit_close(case, option):
-    ref, q, x = make(case, OPTIONS[CASES[case][0]][option])
+def test_8bit_close(case, option, device):
+    ref, q, x = make(case, OPTIONS[CASES[case][0]][option], device=device)
     want = grads(ref, [x])
     with settings('L2', activation_compression_bits=[8]):
         got = grads(q, [x])
@@ -71,16 +74,16 @@ def test_8bit_close(case, option):
 
 
 @pytest.mark.parametrize('case', ['gn-4d', 'gn-2d', 'ln-blc', 'ln-last2'])
-def test_2bit_unbiased(case):
-    ref, q, x = make(case)
+def test_2bit_unbiased(case, device):
+    ref, q, x = make(case, device=device)
     want = grads(ref, [x])
     with settings('L3', **TWO_BITS):
         assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['input0', 'weight'])
 
 
 @pytest.mark.parametrize('case', ['gn-4d', 'ln-blc'])
-def test_2bit_unbiased_without_affine(case):
-    ref, q, x = make(case, OPTIONS[CASES[case][0]]['no_affine'])
+def test_2bit_unbiased_without_affine(case, device):
+    ref, q, x = make(case, OPTIONS[CASES[case][0]]['no_affine'], device=device)
     want = grads(ref, [x])
     with settings('L3', **TWO_BITS):
         assert_unbiased(lambda: grads(q, [x]), want, k=96, keys=['input0'])

@@ -11,26 +11,28 @@ from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_qu
 SHAPES = {'2d': (6, 5), '3d': (3, 4, 5), '4d': (2, 3, 2, 5), 'unbatched': (5,)}
 
 
-def make(shape, bias=True, dtype=torch.float32):
+def make(shape, bias=True, dtype=torch.float32, device='cpu'):
+    """(torch layer, the same converted, input), made on the CPU (the same values on every
+    device), then moved to ``device``."""
     torch.manual_seed(0)
-    ref = nn.Linear(5, 7, bias=bias).to(dtype)
+    ref = nn.Linear(5, 7, bias=bias).to(device, dtype)
     q = copy.deepcopy(ref)
     q.__class__ = actnn_mm.QLinear
-    return ref, q, torch.randn(SHAPES[shape], dtype=dtype)
+    return ref, q, torch.randn(SHAPES[shape], dtype=dtype).to(device)
 
 
 @pytest.mark.parametrize('shape', list(SHAPES))
 @pytest.mark.parametrize('bias', [True, False])
-def test_l0_equals_torch(shape, bias):
-    ref, q, x = make(shape, bias)
+def test_l0_equals_torch(shape, bias, device):
+    ref, q, x = make(shape, bias, device=device)
     with settings('L0'):
         got = grads(q, [x])
     assert_close_grads(got, grads(ref, [x]), rtol=1e-6)
 
 
 @pytest.mark.parametrize('shape', list(SHAPES))
-def test_8bit_close(shape):
-    ref, q, x = make(shape)
+def test_8bit_close(shape, device):
+    ref, q, x = make(shape, device=device)
     want = grads(ref, [x])
     with settings('L2', activation_compression_bits=[8]):
         got = grads(q, [x])
@@ -41,8 +43,8 @@ def test_8bit_close(shape):
 
 @pytest.mark.parametrize('shape', ['2d', '3d'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_2bit_unbiased(shape, dtype):
-    ref, q, x = make(shape, dtype=dtype)
+def test_2bit_unbiased(shape, dtype, device):
+    ref, q, x = make(shape, dtype=dtype, device=device)
     want = grads(ref, [x])
     with settings('L3'):
         assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['weight'])

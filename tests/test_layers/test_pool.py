@@ -14,10 +14,11 @@ OPTIONS = [dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=c)
            if max(k if isinstance(k, tuple) else (k,)) >= 2 * p]  # torch: pad <= kernel / 2
 
 
-def make_input(shape=(2, 3, 11, 10), dtype=torch.float32, channels_last=False, ties=False):
+def make_input(shape=(2, 3, 11, 10), dtype=torch.float32, channels_last=False, ties=False,
+               device='cpu'):
     torch.manual_seed(0)
     x = torch.randint(0, 3, shape).to(dtype) if ties else torch.randn(shape, dtype=dtype)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
+    return (x.to(memory_format=torch.channels_last) if channels_last else x).to(device)
 
 
 def check(options, x, bits=None):
@@ -30,20 +31,20 @@ def check(options, x, bits=None):
 
 @pytest.mark.parametrize('options', OPTIONS, ids=[str(sorted(o.values(), key=str))
                                                   for o in OPTIONS])
-def test_exact_gradients(options):
-    check(options, make_input())
+def test_exact_gradients(options, device):
+    check(options, make_input(device=device))
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('ties', [False, True])
-def test_dtypes_layouts_ties(dtype, channels_last, ties):
-    x = make_input(dtype=dtype, channels_last=channels_last, ties=ties)
+def test_dtypes_layouts_ties(dtype, channels_last, ties, device):
+    x = make_input(dtype=dtype, channels_last=channels_last, ties=ties, device=device)
     check(dict(kernel_size=3, stride=2, padding=1), x)
 
 
-def test_unbatched_and_negative_infinity():
-    x = make_input((3, 9, 9))
+def test_unbatched_and_negative_infinity(device):
+    x = make_input((3, 9, 9), device=device)
     x[0, :4, :4] = float('-inf')
     check(dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), x)
 

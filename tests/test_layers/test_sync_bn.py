@@ -1,4 +1,5 @@
-"""QSyncBatchNorm across two CPU processes (gloo) against BatchNorm on the concatenated batch."""
+"""QSyncBatchNorm across two processes (gloo, on the CPU and on one GPU shared by both) against
+BatchNorm on the concatenated batch."""
 import os
 import time
 
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import actnn_mm
-from qchecks import settings
+from qchecks import DEVICES, settings
 
 WORLD = 2
 SCENARIOS = {  # name: (level overrides, BatchNorm kwargs, channels_last, dtype)
@@ -45,22 +46,23 @@ def _make(cls, name):
     return bn
 
 
-def _run(bn, xs, weights, part):
-    """Outputs and gradients of STEPS training steps of ``bn`` on slice ``part`` of the batch."""
+def _run(bn, xs, weights, part, device):
+    """Outputs and gradients of STEPS training steps of ``bn`` (on ``device``) on slice ``part``
+    of the batch, on the CPU."""
     results = []
     for x, weight in zip(xs, weights):
-        x = x[part].detach().requires_grad_()
+        x = x[part].to(device).detach().requires_grad_()
         bn.zero_grad()
         out = bn(x)
-        (out.float() * weight[part]).sum().backward()
-        results.append({'out': out.detach(), 'input': x.grad,
-                        **{n: p.grad.clone() for n, p in bn.named_parameters()}})
+        (out.float() * weight[part].to(device)).sum().backward()
+        results.append({'out': out.detach().cpu(), 'input': x.grad.cpu(),
+                        **{n: p.grad.to('cpu', copy=True) for n, p in bn.named_parameters()}})
     with torch.no_grad():  # a statistics update without autograd syncs too
-        bn(xs[0][part])
-    return results, {n: b.clone() for n, b in bn.named_buffers()}
+        bn(xs[0][part].to(device))
+    return results, {n: b.to('cpu', copy=True) for n, b in bn.named_buffers()}
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, device):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
                             world_size=WORLD)
@@ -70,34 +72,37 @@ def _worker(rank, init_file, out_dir):
             knobs = dict(knobs)
             with settings(knobs.pop('level'), **knobs):
                 xs, weights = _data(name)
-                bn = _make(actnn_mm.QSyncBatchNorm, name)
+                bn = _make(actnn_mm.QSyncBatchNorm, name).to(device)
                 part = slice(rank * 3, rank * 3 + 3)
-                results[name] = _run(bn, xs, weights, part)
+                results[name] = _run(bn, xs, weights, part, device)
         torch.save(results, os.path.join(out_dir, f'{rank}.pt'))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope='module')
-def synced(tmp_path_factory):
-    """Results of every scenario from both processes: {rank: {scenario: (steps, buffers)}}."""
+@pytest.fixture(scope='module', params=DEVICES)
+def synced(request, tmp_path_factory):
+    """The device, and the results of every scenario from both processes on it:
+    {rank: {scenario: (steps, buffers)}}."""
+    device = request.param
     tmp = tmp_path_factory.mktemp('sync_bn')
-    context = mp.start_processes(_worker, args=(str(tmp / 'init'), str(tmp)), nprocs=WORLD,
-                                 join=False, start_method='spawn')
+    context = mp.start_processes(_worker, args=(str(tmp / 'init'), str(tmp), device),
+                                 nprocs=WORLD, join=False, start_method='spawn')
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail('QSyncBatchNorm processes did not finish (deadlock?)')
-    return {rank: torch.load(tmp / f'{rank}.pt') for rank in range(WORLD)}
+    return device, {rank: torch.load(tmp / f'{rank}.pt') for rank in range(WORLD)}
 
 
 @pytest.mark.parametrize('name', list(SCENARIOS))
 def test_matches_batchnorm_on_concatenated_batch(synced, name):
+    device, synced = synced
     xs, weights = _data(name)
-    ref = _make(nn.BatchNorm2d, name)
-    want, want_buffers = _run(ref, xs, weights, slice(None))
+    ref = _make(nn.BatchNorm2d, name).to(device)
+    want, want_buffers = _run(ref, xs, weights, slice(None), device)
     exact = SCENARIOS[name][0]['level'] == 'L0'
     rtol = 1e-5 if exact else 3e-2
     for step in range(STEPS):
