@@ -383,8 +383,10 @@ class Allocator:
             device = calls[0][1].device
             sensitivity = torch.cat([self._sensitivity(state, ranges).to(device)
                                      for state, ranges, _ in calls])
-            self._arriving.append((HostCopy(sensitivity), [
-                (state, ranges.numel(), elements) for state, ranges, elements in calls]))
+            copy = HostCopy(sensitivity)
+            if copy.has_values:
+                self._arriving.append((copy, [(state, ranges.numel(), elements)
+                                              for state, ranges, elements in calls]))
         arrived = [i for i, (copy, _) in enumerate(self._arriving) if copy.ready()]
         if not arrived:
             return

@@ -16,7 +16,7 @@ class HostCopy:
 
     On the CPU the tensor itself; on CUDA a pinned copy made behind the kernels queued so far,
     :meth:`ready` once they have run; tensors without values (fake or meta, e.g. while tracing)
-    never become ready.
+    have none to copy (:attr:`has_values` is False).
 
     Args:
         t: the tensor (not changed afterwards by the caller).
@@ -25,7 +25,8 @@ class HostCopy:
     def __init__(self, t: torch.Tensor) -> None:
         self._values: Optional[torch.Tensor] = None
         self._event: Optional[torch.cuda.Event] = None
-        if t.device.type == 'meta' or is_fake(t):
+        self.has_values = not (t.device.type == 'meta' or is_fake(t))
+        if not self.has_values:
             return
         if t.device.type == 'cpu':
             self._values = t
@@ -42,8 +43,8 @@ class HostCopy:
         return self._values is not None and (self._event is None or self._event.query())
 
     def values(self) -> Optional[torch.Tensor]:
-        """The values on the CPU, waiting for the copy if needed; None for a fake or meta
-        tensor."""
+        """The values on the CPU, waiting for the copy if needed (None without
+        :attr:`has_values`)."""
         if self._event is not None:
             self._event.synchronize()
         return self._values

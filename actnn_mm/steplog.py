@@ -34,8 +34,9 @@ class StepLog:
 
     def begin_step(self) -> None:
         """Start a new step, raising first if an earlier step's activations were not finite."""
-        if self.flags:
-            self._arriving.append((HostCopy(torch.stack(self.flags)), self.flagged))
+        copy = HostCopy(torch.stack(self.flags)) if self.flags else None
+        if copy is not None and copy.has_values:
+            self._arriving.append((copy, self.flagged))
         self.kept: Dict[int, List[_Kept]] = {}
         self.generic: List[_Kept] = []
         self.uncompressed: collections.Counter[str] = collections.Counter()
@@ -58,7 +59,7 @@ class StepLog:
         while self._arriving and (wait or self._arriving[0][0].ready()):
             copy, flagged = self._arriving.pop(0)
             values = copy.values()
-            if values is not None and bool(values.any()):
+            if bool(values.any()):
                 first = flagged[int(values.nonzero()[0, 0])]
                 raise ValueError(
                     f'actnn_mm: the activation kept by {first} (and {int(values.sum()) - 1} '

@@ -195,12 +195,13 @@ def _batch(case: Case) -> Dict[str, Any]:
 
 def _start_run(hook: ActNNHook, model: nn.Module, work_dir: str, name: str
                ) -> types.SimpleNamespace:
-    """``hook.before_run`` with a stand-in for what it and its iteration hooks touch of an
-    mmengine Runner; returns the stand-in."""
+    """``hook.before_run`` and ``before_train`` with a stand-in for what it and its iteration
+    hooks touch of an mmengine Runner; returns the stand-in."""
     runner = types.SimpleNamespace(model=model, work_dir=work_dir,
                                    logger=MMLogger.get_current_instance(),
                                    message_hub=MessageHub.get_instance(f'actnn-upstream-{name}'))
     hook.before_run(runner)
+    hook.before_train(runner)
     return runner
 
 

@@ -22,8 +22,9 @@ KNOBS = tuple(f.name for f in dataclasses.fields(Config) if f.name != 'level')
 class ActNNHook(Hook):
     """Compresses the activations kept for backward during training.
 
-    Before the run it sets the optimization level and converts the model (through DDP wrappers)
-    with :func:`actnn_mm.convert`: also the layers a codebase hard-codes (``nn.ReLU`` in ResNets,
+    Before the run it sets the optimization level; before training (after the Runner has applied
+    its own ``activation_checkpointing`` and ``efficient_conv_bn_eval``) it converts the model
+    (through DDP wrappers) with :func:`actnn_mm.convert`: also the layers a codebase hard-codes (``nn.ReLU`` in ResNets,
     ``nn.Conv2d`` in ``RPNHead``, the MoCo neck), besides those a config already built as ActNN
     layers. Frozen layers and ``norm_eval`` BatchNorms keep working as before: the layers run the
     plain op where nothing needs a gradient. Each training iteration passes the batch's
@@ -42,7 +43,7 @@ class ActNNHook(Hook):
         **knobs: other :data:`actnn_mm.config` settings, e.g. ``group_size=128``.
     """
 
-    priority = 'VERY_HIGH'  # convert before other hooks (e.g. EMA) copy the model
+    priority = 'VERY_HIGH'  # convert before other hooks' before_train
 
     def __init__(self, level: str = 'L3', generic: Optional[bool] = None, **knobs: Any) -> None:
         if level not in LEVELS:
@@ -65,6 +66,10 @@ class ActNNHook(Hook):
         set_optimization_level(self.level)
         for name, value in self.knobs.items():
             setattr(config, name, value)
+
+    def before_train(self, runner: Any) -> None:
+        # After the Runner's own savers (activation_checkpointing, efficient_conv_bn_eval, whose
+        # fx tracing cannot trace the ActNN layers' forward), before the first iteration.
         self._model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         _, summary = convert(self._model)
         runner.logger.info(str(summary))

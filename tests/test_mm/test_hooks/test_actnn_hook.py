@@ -124,6 +124,42 @@ def test_fixes_hold_while_the_run_goes_and_resume_works(tmp_path):
     assert resumed.iter == 3 and stack() == original
 
 
+class _ConvBNModel(BaseModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8).eval())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        logits = self.head(self.backbone(torch.stack(inputs)).mean((2, 3)))
+        if mode == 'loss':
+            return {'loss': nn.functional.cross_entropy(logits, torch.stack(data_samples))}
+        return logits
+
+    def train(self, mode: bool = True) -> '_ConvBNModel':
+        super().train(mode)
+        self.backbone[4].eval()  # as norm_eval=True keeps a detector's BatchNorms
+        return self
+
+
+@pytest.mark.parametrize('saver', ['efficient_conv_bn_eval', 'activation_checkpointing'])
+def test_hook_after_mmengine_savers(tmp_path, saver):
+    """The Runner applies its savers (fx tracing for efficient_conv_bn_eval) before the hook
+    converts; training then runs with both."""
+    runner = Runner(
+        model=_ConvBNModel(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=False),
+                              batch_size=4, num_workers=0),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        train_cfg=dict(by_epoch=False, max_iters=2), default_hooks=dict(checkpoint=None),
+        custom_hooks=[dict(type='ActNNHook', level='L3')], default_scope='mmengine',
+        cfg=dict(**{saver: ['backbone']}))
+    runner.train()
+    assert type(runner.model.backbone[1]).__name__ == 'QBatchNorm2d'
+    assert runner.message_hub.log_scalars['train/actnn/mib'].current() > 0
+
+
 def test_hook_level_and_knobs(tmp_path):
     runner = toy_runner(tmp_path, level='L2', group_size=64)
     runner.train()
