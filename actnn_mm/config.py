@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 
@@ -45,7 +45,8 @@ class Config:
         level: the optimization level ('L0'..'L5'); assigning it sets the other knobs as in
             the table above.
         activation_compression_bits: ActNN-style list whose first entry is the bit width of the
-            compressed activations (1, 2, 4 or 8).
+            compressed activations (1, 2, 4 or 8), or with ``adaptive`` their average budget,
+            any real number from 1 to 8 (e.g. 1.5).
         group_size: values per quantization group (a positive multiple of 8).
         stochastic: stochastic (unbiased) rounding; False rounds to nearest (biased gradients).
         compressed_layers: which layer families compress their saved activations and which
@@ -61,7 +62,8 @@ class Config:
     """
 
     level: str = 'L3'
-    activation_compression_bits: List[int] = dataclasses.field(default_factory=lambda: [2])
+    activation_compression_bits: List[Union[int, float]] = dataclasses.field(
+        default_factory=lambda: [2])
     group_size: int = 256
     stochastic: bool = True
     compressed_layers: str = 'all'
@@ -74,6 +76,15 @@ class Config:
             raise AttributeError(f'actnn_mm.config has no setting {name!r}; settings: '
                                  f'{", ".join(_VALIDATORS)}')
         value = _VALIDATORS[name](value)
+        if name in ('activation_compression_bits', 'adaptive'):
+            bits = value if name == 'activation_compression_bits' else \
+                self.__dict__.get('activation_compression_bits', [2])
+            adaptive = value if name == 'adaptive' else self.__dict__.get('adaptive', True)
+            if not adaptive and bits[0] not in SUPPORTED_BITS:
+                raise ValueError(f'actnn_mm.config: {bits[0]!r} bits is a budget the adaptive '
+                                 f'allocator (L3-L5) spreads over samples and layers; without it '
+                                 f'(adaptive=False, L1, L2) the width must be one of '
+                                 f'{SUPPORTED_BITS}')
         super().__setattr__(name, value)
         if name == 'level':
             for knob, setting in _LEVEL_SETTINGS[value].items():
@@ -82,8 +93,9 @@ class Config:
             _enable_expandable_segments()
 
     @property
-    def bits(self) -> int:
-        """The uniform bit width of compressed activations."""
+    def bits(self) -> Union[int, float]:
+        """The uniform bit width of compressed activations, or with ``adaptive`` their average
+        budget (a real number between 1 and 8)."""
         return self.activation_compression_bits[0]
 
     def compresses(self, family: str) -> bool:
@@ -110,11 +122,13 @@ def _choice(name: str, choices: Tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
-def _bits_list(value: Any) -> List[int]:
-    if isinstance(value, (int, str, bytes)) or not value or any(
-            isinstance(b, bool) or b not in SUPPORTED_BITS for b in value):
+def _bits_list(value: Any) -> List[Union[int, float]]:
+    if isinstance(value, (int, float, str, bytes)) or not value or any(
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 <= b <= 8
+            for b in value):
         raise ValueError(f'actnn_mm.config.activation_compression_bits must be a non-empty list '
-                         f'of widths in {SUPPORTED_BITS}, got {value!r}')
+                         f'whose first entry is a width in {SUPPORTED_BITS} (or, with adaptive '
+                         f'allocation, an average budget between 1 and 8), got {value!r}')
     return list(value)
 
 

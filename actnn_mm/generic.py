@@ -73,6 +73,7 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from .allocate import allocate_samples, mean_square_range
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, CompressedTensor, quantize
 from .compress.codec import checks_at_once, not_finite
 from .config import config
@@ -246,7 +247,8 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
     Args:
         model: the model trained (or None): its parameters and buffers, under any name or view,
             are never compressed. Without it, parameters are recognised by type only.
-        bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save.
+        bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save (an average
+            budget such as 1.5 at L3-L5 is spread over each tensor's samples by their ranges).
         min_bytes: tensors smaller than this stay in full precision.
         min_row_numel: tensors that do not require grad with fewer values than this per index
             of dim 0 stay in full precision.
@@ -333,8 +335,11 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
             if stored is not None:
                 self.stats.shared += 1
                 return stored if entry.shape == t.shape else _Reshaped(stored, t.shape)
-        compressed = quantize(t, bits, config.group_size, stochastic=config.stochastic,
-                              defer_check=True)
+        widths, budget = bits, None
+        if bits not in SUPPORTED_BITS:  # an average budget (L3-L5): spread over the samples
+            widths, budget = allocate_samples(mean_square_range(t, config.group_size), bits), bits
+        compressed = quantize(t, widths, config.group_size, stochastic=config.stochastic,
+                              budget=budget, defer_check=True)
         if not checks_at_once(t.device):  # quantize left the NaN/Inf check to us
             step_log.watch(not_finite(compressed), 'a tensor saved under generic mode')
         return self._keep(key, t, offloaded(compressed, self._state), not loss_grad, compressed)

@@ -71,7 +71,8 @@ def test_compresses_by_family():
 
 
 @pytest.mark.parametrize('name,value,error', [
-    ('activation_compression_bits', [3], ValueError),
+    ('activation_compression_bits', [9], ValueError),
+    ('activation_compression_bits', [0.5], ValueError),
     ('activation_compression_bits', [], ValueError),
     ('activation_compression_bits', 2, ValueError),
     ('activation_compression_bits', [True], ValueError),
@@ -125,3 +126,31 @@ def test_l5_warns_when_cuda_is_initialised(alloc_env):
     with settings('L0'):
         with pytest.warns(UserWarning, match='already initialised'):
             actnn_mm.set_optimization_level('L5')
+
+
+def test_real_budgets_need_the_adaptive_allocator():
+    with settings('L3'):
+        actnn_mm.config.activation_compression_bits = [1.5]
+        assert actnn_mm.config.bits == 1.5
+        actnn_mm.config.activation_compression_bits = [3]
+        with pytest.raises(ValueError, match='without it .* must be one of'):
+            actnn_mm.config.adaptive = False
+        actnn_mm.set_optimization_level('L2')  # the level's own width comes first
+        assert actnn_mm.config.bits == 4 and not actnn_mm.config.adaptive
+        with pytest.raises(ValueError, match='adaptive allocator'):
+            actnn_mm.config.activation_compression_bits = [1.25]
+        for bad in ([0.5], [8.5], [True], ['2'], 1.5):
+            with pytest.raises(ValueError, match='between 1 and 8'):
+                actnn_mm.config.activation_compression_bits = bad
+
+
+def test_generic_mode_spreads_a_real_budget_over_samples():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    x = torch.randn(16, 64) * torch.logspace(-2, 1, 16)[:, None]
+    with settings('L3', activation_compression_bits=[1.5]):
+        with actnn_mm.compress_saved_tensors(model, min_bytes=0):
+            model(x).sum().backward()
+        generic = actnn_mm.stats(model)['generic']
+    assert generic['calls'] > 0 and generic['bits_min'] < generic['bits_max']
+    assert generic['bits_mean'] <= 1.5 + 1e-9
