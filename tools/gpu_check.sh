@@ -88,9 +88,11 @@ tests() {
 benchmark() {
   local dry_run=()
   [ "$DRY_RUN" = 0 ] || dry_run=(--device cpu --models resnet50 --methods FP32 L3 --batch 2
-                                 --image-size 32 --max-batch 4)
+                                 --image-size 32 --max-batch 4 --warmup 1 --steps 2)
   # The study stops itself within --time-limit, leaving time to save what it measured.
-  "$PY" tools/benchmark.py gpu --out "$OUT" --time-limit $((BENCH_S - 30)) "${dry_run[@]}"
+  # A 20 GB budget keeps the max-batch searches short enough for ViT-B/16's turn to come.
+  "$PY" tools/benchmark.py gpu --out "$OUT" --time-limit $((BENCH_S - 30)) --budget-gb 20 \
+    "${dry_run[@]}"
 }
 
 # stage NAME LIMIT: runs the function NAME for at most LIMIT seconds and records its verdict.
