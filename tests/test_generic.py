@@ -10,8 +10,9 @@ from torch import nn
 
 import actnn_mm
 from actnn_mm import generic
-from test_layers.conftest import single_thread  # noqa: F401 (autouse fixture)
 from test_layers.qchecks import assert_close_grads, assert_unbiased, grads, settings
+
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 class Attention(nn.Module):

@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from test_layers.qchecks import DEVICES  # by package: test_generic.py imports this conftest
+from test_layers.qchecks import DEVICES
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: the tensors are tiny, and OpenMP barriers on a busy 2-core machine
-    make each tiny op take milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def layer_test_settings(single_thread, monkeypatch):
+    """One intra-op thread (the tensors are tiny, and OpenMP barriers on a busy 2-core machine
+    make each tiny op take milliseconds); float32 convolutions and matmuls on CUDA, not TF32,
+    cuDNN's default: TF32 rounds the inputs to 10 bits in tensor-core algorithms only, which
+    cuDNN may pick for one of two convolutions compared and not the other."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
 
 
 @pytest.fixture(params=DEVICES)

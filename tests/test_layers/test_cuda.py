@@ -1,5 +1,5 @@
-"""CUDA-only checks (all skipped without a GPU): the convolutions against torch on the GPU (the
-other layer families take the ``device`` fixture in their own files), fp16/bf16 autocast, L4's
+"""CUDA-only checks (all skipped without a GPU; the layer families against torch on the GPU take
+the ``device`` fixture in their own files): fp16/bf16 autocast, L4's
 swap to pinned CPU memory and what it saves on the GPU, L5's expandable segments, generic mode,
 and the same compressed bits on the CPU and on CUDA."""
 import copy
@@ -19,74 +19,10 @@ from actnn_mm.config import _ALLOC_CONF_VARS
 from actnn_mm.layers import held_bytes, saved
 from actnn_mm.layers.saved import Held
 from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
-from test_conv import CASES as CONV_CASES, Q as CONV_Q
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
               pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")]
 DEVICE = 'cuda'
-# Relative tolerance of "exact" convolution results (torch's against ActNN's): cuDNN's algorithms
-# may accumulate in another order from run to run (atomics), and may differ between ActNN's call
-# and torch's where their arguments differ (padding='same' with an even kernel: ActNN pads the
-# whole excess itself), so the float32 rounding (6e-8) can add up to some 1e-6.
-EXACT = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def float32_math(monkeypatch):
-    """Convolutions (and matmuls) in float32, not TF32, cuDNN's default for convolutions: TF32
-    rounds the inputs to 10 bits in tensor-core algorithms only, which cuDNN may pick for one of
-    two convolutions compared and not the other; the CPU never rounds them."""
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-
-
-def make_conv(case, channels_last=False, dtype=torch.float32):
-    """(torch convolution, the same converted, input) of test_conv's ``case`` on the GPU."""
-    cls, kwargs, shape = CONV_CASES[case]
-    torch.manual_seed(0)
-    ref = cls(**kwargs).to(DEVICE, dtype)
-    x = torch.randn(shape, dtype=dtype).to(DEVICE)
-    if channels_last:
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        ref, x = ref.to(memory_format=fmt), x.to(memory_format=fmt)
-    q = copy.deepcopy(ref)
-    q.__class__ = CONV_Q[cls]
-    return ref, q, x
-
-
-@pytest.mark.parametrize('case,channels_last', [(c, cl) for c in CONV_CASES for cl in (
-    [False, True] if len(CONV_CASES[c][2]) >= 4 else [False])])
-def test_conv_l0_equals_torch(case, channels_last):
-    ref, q, x = make_conv(case, channels_last)
-    with settings('L0'):
-        got = grads(q, [x])
-    assert_close_grads(got, grads(ref, [x]), rtol=EXACT)
-
-
-@pytest.mark.parametrize('case', list(CONV_CASES))
-def test_conv_8bit_close_and_only_weight_grad_approximate(case):
-    ref, q, x = make_conv(case)
-    want = grads(ref, [x])
-    with settings('L2', activation_compression_bits=[8]):
-        got = grads(q, [x])
-    assert_close_grads(got, want, rtol=2e-2)
-    exact = {k: v for k, v in want.items() if k != 'weight'}  # need no activation
-    assert_close_grads({k: got[k] for k in exact}, exact, rtol=EXACT)
-    assert not torch.equal(got['weight'], want['weight'])
-
-
-@pytest.mark.parametrize('case,channels_last,dtype', [
-    *[(c, False, torch.float32) for c in ('conv1d_circular', 'conv2d_stride_pad',
-                                          'conv2d_dilation_groups', 'conv2d_same_even_kernel',
-                                          'conv3d_replicate', 'convt2d_outpad_groups',
-                                          'convt3d')],
-    ('conv2d_stride_pad', False, torch.bfloat16), ('conv2d_stride_pad', True, torch.bfloat16)],
-    ids=lambda v: str(v).replace('torch.', ''))
-def test_conv_2bit_unbiased(case, channels_last, dtype):
-    ref, q, x = make_conv(case, channels_last, dtype)
-    want = grads(ref, [x])
-    with settings('L3'):
-        assert_unbiased(lambda: grads(q, [x]), want, k=128, keys=['weight'])
 
 
 class SmallCNN(nn.Module):
