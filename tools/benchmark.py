@@ -725,17 +725,23 @@ def pareto(args: argparse.Namespace) -> Dict:
     saved after each model.
     """
     result = {'batch': args.batch, 'image_size': args.image_size, 'methods': args.methods,
-              'models': {}}
+              'models': {}, 'failed': {}}
     for name in args.models:
-        entry = _memory_study(argparse.Namespace(model=name, batch=args.batch,
-                                                 image_size=args.image_size, steps=args.steps,
-                                                 methods=args.methods))
+        try:
+            entry = _memory_study(argparse.Namespace(model=name, batch=args.batch,
+                                                     image_size=args.image_size,
+                                                     steps=args.steps, methods=args.methods))
+        except RuntimeError as error:  # e.g. FP32 itself fails at this size: the others go on
+            result['failed'][name] = str(error).splitlines()[-1]
+            print(f'{name}: not measured: {result["failed"][name]}', flush=True)
+            _save('pareto', result)
+            continue
         entry['front'] = _pareto_front(entry['rows'])
         print(f"Pareto front (activation memory against step time): {', '.join(entry['front'])}",
               flush=True)
         result['models'][name] = entry
-        path = _save('pareto', result)
-    print('saved', path, _plot_pareto(result))
+        _save('pareto', result)
+    print('saved', _save('pareto', result), _plot_pareto(result) if result['models'] else '')
     return result
 
 
