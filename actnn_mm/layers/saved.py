@@ -107,6 +107,14 @@ def bits_for(x: torch.Tensor, module: torch.nn.Module, state: ModelState
     return config.bits, None
 
 
+def _current_state(module: torch.nn.Module) -> ModelState:
+    """The state of ``module``'s model, a new step begun if its backward ran since (every save
+    goes through here)."""
+    state = state_of(module)
+    state.step_boundary()
+    return state
+
+
 def _keep(value: Kept, module: torch.nn.Module, state: ModelState, full_bytes: int) -> Held:
     """Account ``value`` to ``module``, its model's step and the live total; offload it for
     ``config.swap``."""
@@ -141,8 +149,7 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Held]:
         ``x`` itself when it stays in full precision (the caller must put it through
         ``ctx.save_for_backward``), else what is held of it.
     """
-    state = state_of(module)
-    state.step_boundary()
+    state = _current_state(module)
     if not compresses(x, module) or _checkpoint_phase() is not None:
         module.__dict__['actnn_saved_bytes'] = module.__dict__['actnn_full_bytes'] = x.nbytes
         return x
@@ -167,23 +174,20 @@ def save(x: torch.Tensor, module: torch.nn.Module) -> Union[torch.Tensor, Held]:
 def stash(t: torch.Tensor, module: torch.nn.Module, full_bytes: int) -> Held:
     """Keep exact tensor ``t`` (e.g. compact indices) of ``module``; torch would keep
     ``full_bytes`` instead."""
-    state = state_of(module)
-    state.step_boundary()
+    state = _current_state(module)
     return _keep(t, module, state, full_bytes)
 
 
 def save_packed(t: torch.Tensor, bits: int, module: torch.nn.Module, full_bytes: int) -> Held:
     """Keep ``t`` of ``module`` (bool, or uint8 below ``2**bits``) packed at ``bits`` per value;
     torch would keep ``full_bytes`` instead."""
-    state = state_of(module)
-    state.step_boundary()
+    state = _current_state(module)
     return _keep(pack_ints(t, bits), module, state, full_bytes)
 
 
 def save_positive(t: torch.Tensor, module: torch.nn.Module) -> Held:
     """Keep where ``t`` of ``module`` is positive, at 1 bit per value (torch would keep ``t``)."""
-    state = state_of(module)
-    state.step_boundary()
+    state = _current_state(module)
     return _keep(positive_mask(t), module, state, t.nbytes)
 
 
