@@ -8,7 +8,8 @@ level  meaning
 L0     no compression: :func:`actnn_mm.QModule` converts nothing, layers keep full precision
 L1     4-bit per-group compression of the conv layers only (plus lossless ReLU/Dropout/MaxPool)
 L2     4-bit per-group compression of all layers
-L3     2 bits on average, mixed precision per sample and per layer (:mod:`actnn_mm.allocate`)
+L3     2 bits per value on average (2.0625 with the group statistics), mixed precision per
+       sample and per layer (:mod:`actnn_mm.allocate`)
 L4     L3 + compressed activations swapped to pinned CPU memory when they live on CUDA
 L5     L4 + the CUDA caching allocator's ``expandable_segments`` (against fragmentation)
 ====== ========================================================================================
@@ -25,6 +26,7 @@ from typing import Any, Callable, Dict, List, Tuple, Union
 import torch
 
 from .compress import SUPPORTED_BITS
+from .compress.codec import statistics_bits
 
 logger = logging.getLogger('actnn_mm')
 
@@ -35,6 +37,8 @@ COMPRESSED_LAYERS = ('none', 'conv', 'all')
 LOSSLESS_FAMILIES = ('relu', 'dropout', 'pool')
 _ALLOC_CONF_VARS = ('PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF')
 _EXPANDABLE = 'expandable_segments:True'
+# L3-L5's budget: 2 bits per value on average and their group statistics (at group_size 256)
+ADAPTIVE_BUDGET = 2 + statistics_bits(256)
 
 
 @dataclasses.dataclass
@@ -45,14 +49,15 @@ class Config:
         level: the optimization level ('L0'..'L5'); assigning it sets the other knobs as in
             the table above.
         activation_compression_bits: ActNN-style list whose first entry is the bit width of the
-            compressed activations (1, 2, 4 or 8), or with ``adaptive`` their average budget,
-            any real number from 1 to 8 (e.g. 1.5).
+            compressed activations (1, 2, 4 or 8; the group statistics come on top), or with
+            ``adaptive`` their average budget per value, group statistics included (1/16 bit at
+            ``group_size`` 256), any real number from 1 + that to 8 (e.g. 1.5; L3-L5: 2.0625).
         group_size: values per quantization group (a positive multiple of 8).
         stochastic: stochastic (unbiased) rounding; False rounds to nearest (biased gradients).
         compressed_layers: which layer families compress their saved activations and which
-            :func:`actnn_mm.QModule` converts: 'none' (L0), 'conv' (L1: convolutions, and the lossless ReLU,
-            Dropout and MaxPool2d) or
-            'all'. ReLU, Dropout and MaxPool2d keep lossless 1-bit masks / compact indices.
+            :func:`actnn_mm.QModule` converts: 'none' (L0), 'conv' (L1: convolutions, and the
+            lossless ReLU, Dropout and MaxPool2d) or 'all'. ReLU, Dropout and MaxPool2d keep
+            lossless 1-bit masks / compact indices.
         adaptive: per-sample, per-layer mixed precision (ActNN's L3): the allocator chooses 1, 2,
             4 or 8 bits per sample and layer with ``activation_compression_bits[0]`` as the
             element-weighted average.
@@ -63,7 +68,7 @@ class Config:
 
     level: str = 'L3'
     activation_compression_bits: List[Union[int, float]] = dataclasses.field(
-        default_factory=lambda: [2])
+        default_factory=lambda: [ADAPTIVE_BUDGET])
     group_size: int = 256
     stochastic: bool = True
     compressed_layers: str = 'all'
@@ -76,18 +81,29 @@ class Config:
             raise AttributeError(f'actnn_mm.config has no setting {name!r}; settings: '
                                  f'{", ".join(_VALIDATORS)}')
         value = _VALIDATORS[name](value)
-        if name in ('activation_compression_bits', 'adaptive'):
-            bits = value if name == 'activation_compression_bits' else \
-                self.__dict__.get('activation_compression_bits', [2])
-            adaptive = value if name == 'adaptive' else self.__dict__.get('adaptive', True)
-            if not adaptive and bits[0] not in SUPPORTED_BITS:
-                raise ValueError(f'actnn_mm.config: {bits[0]!r} bits is a budget the adaptive '
+        if name in ('activation_compression_bits', 'adaptive', 'group_size'):
+            settings = {**self.__dict__, name: value}
+            bits = settings.get('activation_compression_bits', [2])[0]
+            group_size = settings.get('group_size', 256)
+            if not settings.get('adaptive', True) and bits not in SUPPORTED_BITS:
+                raise ValueError(f'actnn_mm.config: {bits!r} bits is a budget the adaptive '
                                  f'allocator (L3-L5) spreads over samples and layers; without it '
                                  f'(adaptive=False, L1, L2) the width must be one of '
-                                 f'{SUPPORTED_BITS}')
+                                 f'{SUPPORTED_BITS}: set activation_compression_bits (e.g. [2]) '
+                                 f'first')
+            if settings.get('adaptive', True) and bits - statistics_bits(group_size) < 1:
+                raise ValueError(f'actnn_mm.config: an average budget of {bits!r} bits per value '
+                                 f'leaves less than 1 bit for the values once the group '
+                                 f'statistics are paid ({statistics_bits(group_size):g} bits per '
+                                 f'value at group_size {group_size}): raise the budget to at '
+                                 f'least {1 + statistics_bits(group_size):g} or the group size')
         super().__setattr__(name, value)
         if name == 'level':
-            for knob, setting in _LEVEL_SETTINGS[value].items():
+            knobs = _LEVEL_SETTINGS[value]
+            # a level's bits and adaptive agree with each other, not with the other's old value
+            super().__setattr__('adaptive', knobs['adaptive'])
+            super().__setattr__('activation_compression_bits', knobs['activation_compression_bits'])
+            for knob, setting in knobs.items():
                 setattr(self, knob, setting)
         elif name == 'expandable_segments' and value:
             _enable_expandable_segments()
@@ -129,7 +145,7 @@ def _bits_list(value: Any) -> List[Union[int, float]]:
         raise ValueError(f'actnn_mm.config.activation_compression_bits must be a non-empty list '
                          f'whose first entry is a width in {SUPPORTED_BITS} (or, with adaptive '
                          f'allocation, an average budget between 1 and 8), got {value!r}')
-    return list(value)
+    return [int(b) if float(b).is_integer() else b for b in value]  # 2.0 is the width 2
 
 
 def _group_size(value: Any) -> int:
@@ -158,18 +174,19 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
 }
 
 _LEVEL_SETTINGS: Dict[str, Dict[str, Any]] = {
-    'L0': dict(compressed_layers='none', activation_compression_bits=[8], adaptive=False,
+    'L0': dict(compressed_layers='none', adaptive=False, activation_compression_bits=[8],
                swap=False, expandable_segments=False),
-    'L1': dict(compressed_layers='conv', activation_compression_bits=[4], adaptive=False,
+    'L1': dict(compressed_layers='conv', adaptive=False, activation_compression_bits=[4],
                swap=False, expandable_segments=False),
-    'L2': dict(compressed_layers='all', activation_compression_bits=[4], adaptive=False,
+    'L2': dict(compressed_layers='all', adaptive=False, activation_compression_bits=[4],
                swap=False, expandable_segments=False),
-    'L3': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
-               swap=False, expandable_segments=False),
-    'L4': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
-               swap=True, expandable_segments=False),
-    'L5': dict(compressed_layers='all', activation_compression_bits=[2], adaptive=True,
-               swap=True, expandable_segments=True),
+    'L3': dict(compressed_layers='all', adaptive=True,
+               activation_compression_bits=[ADAPTIVE_BUDGET], swap=False,
+               expandable_segments=False),
+    'L4': dict(compressed_layers='all', adaptive=True,
+               activation_compression_bits=[ADAPTIVE_BUDGET], swap=True, expandable_segments=False),
+    'L5': dict(compressed_layers='all', adaptive=True,
+               activation_compression_bits=[ADAPTIVE_BUDGET], swap=True, expandable_segments=True),
 }
 
 config = Config()

@@ -73,7 +73,7 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
-from .allocate import allocate_samples, mean_square_range
+from .allocate import allocate_samples, mean_square_range, value_budget
 from .compress import FLOAT_DTYPES, SUPPORTED_BITS, CompressedTensor, quantize
 from .compress.codec import checks_at_once, not_finite
 from .config import config
@@ -96,9 +96,9 @@ DEFAULT_MIN_BYTES = 64 * 1024
 # pixel, often large), which its backward reads linearly.
 DEFAULT_MIN_ROW_NUMEL = 16384
 # Rows shorter than this stay exact ('rows') in any case: each group of config.group_size values
-# keeps a bfloat16 min and scale (4 bytes), each row 9 bytes more, so a row of n float32 values
-# takes n / 4 + 4 * ceil(n / 256) + 9 bytes at 2 bits: 17 instead of 64 at n = 16, and an
-# (anchors, 1) tensor would grow 3.5-fold.
+# keeps two 1-byte codes, each row 17 bytes more (its min and range, width and offset), so a row
+# of n float32 values takes n / 4 + 2 * ceil(n / 256) + 17 bytes at 2 bits: 23 instead of 64 at
+# n = 16, and an (anchors, 1) tensor would grow 5-fold.
 MIN_ROW_VALUES = 16
 LOSS_BITS = 8  # for tensors saved inside loss modules (module doc)
 # Normalization modules (and their subclasses, e.g. mmpretrain's LayerNorm2d): 'norm'.
@@ -247,8 +247,9 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
     Args:
         model: the model trained (or None): its parameters and buffers, under any name or view,
             are never compressed. Without it, parameters are recognised by type only.
-        bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save (an average
-            budget such as 1.5 at L3-L5 is spread over each tensor's samples by their ranges).
+        bits: bits per value (1, 2, 4 or 8); None uses ``config.bits`` at each save (at L3-L5
+            an average budget, group statistics included, spread over each tensor's samples by
+            their ranges).
         min_bytes: tensors smaller than this stay in full precision.
         min_row_numel: tensors that do not require grad with fewer values than this per index
             of dim 0 stay in full precision.
@@ -336,8 +337,11 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
                 self.stats.shared += 1
                 return stored if entry.shape == t.shape else _Reshaped(stored, t.shape)
         widths, budget = bits, None
-        if bits not in SUPPORTED_BITS:  # an average budget (L3-L5): spread over the samples
-            widths, budget = allocate_samples(mean_square_range(t, config.group_size), bits), bits
+        if config.adaptive and not loss_grad and not self.bits:
+            # L3-L5: the budget, less the group statistics, spread over the samples
+            budget = value_budget(bits, config.group_size,
+                                  t.numel() // max(t.shape[0] if t.dim() else 1, 1))
+            widths = allocate_samples(mean_square_range(t, config.group_size), budget)
         compressed = quantize(t, widths, config.group_size, stochastic=config.stochastic,
                               budget=budget, defer_check=True)
         if not checks_at_once(t.device):  # quantize left the NaN/Inf check to us
@@ -357,8 +361,9 @@ class compress_saved_tensors:  # noqa: N801 (a context manager, like torch's sav
         self.stats.compressed += 1
         self.stats.saved_bytes += compressed.nbytes
         self.stats.full_bytes += t.nbytes
-        self._state.step_log.record_generic(compressed.nbytes, t.nbytes, widths,
-                                t.numel() // max(t.shape[0] if t.dim() else 1, 1))
+        self._state.step_log.record_generic(
+            compressed.nbytes, t.nbytes, widths, t.numel() // max(t.shape[0] if t.dim() else 1, 1),
+            compressed.statistics_nbytes if budgeted else 0)
         owner = weakref.ref(t if t._base is None else t._base, functools.partial(self._forget, key))
         self._shared[key] = _Entry(owner, t._version, t.shape, weakref.ref(stored))
         return stored

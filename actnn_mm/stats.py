@@ -24,7 +24,8 @@ def _summary(kept: List[_Kept], widths: Dict[int, List[int]]) -> Dict:
         elements = sum(e for _, e in pairs)
         bit_sum = sum(w * e for w, e in pairs)
         entry.update(bits_mean=bit_sum / max(elements, 1), bits_min=min(w for w, _ in pairs),
-                     bits_max=max(w for w, _ in pairs), bit_sum=bit_sum, elements=elements)
+                     bits_max=max(w for w, _ in pairs), bit_sum=bit_sum, elements=elements,
+                     statistics_bit_sum=8 * sum(k.statistics_bytes for k in kept))
     return entry
 
 
@@ -56,6 +57,8 @@ def stats(model: torch.nn.Module) -> Dict:
         A dict with ``average_bits`` (element-weighted over the activations the layers and
         generic mode quantized at the configured or allocated bits; None if none; masks,
         indices and generic mode's 8-bit loss tensors count in the bytes only),
+        ``statistics_bits`` (what their group statistics cost per value: at L3-L5
+        ``average_bits + statistics_bits`` is the budget),
         ``compressed_bytes`` (all the layers and generic mode kept compressed: quantized
         activations, masks, indices),
         ``full_precision_bytes`` (what torch would have kept instead), ``ratio`` (their
@@ -79,9 +82,12 @@ def stats(model: torch.nn.Module) -> Dict:
     generic = {**_summary(generic_kept, widths), 'uncompressed_bytes': dict(uncompressed)}
     entries = [*layers.values(), generic]
     bit_sum = sum(e.pop('bit_sum', 0) for e in entries)
+    statistics = sum(e.pop('statistics_bit_sum', 0) for e in entries)
     elements = sum(e.pop('elements', 0) for e in entries)
     nbytes = sum(e['bytes'] for e in entries)
     full = sum(e['full_bytes'] for e in entries)
-    return {'average_bits': bit_sum / elements if elements else None, 'compressed_bytes': nbytes,
+    return {'average_bits': bit_sum / elements if elements else None,
+            'statistics_bits': statistics / elements if elements else None,
+            'compressed_bytes': nbytes,
             'full_precision_bytes': full, 'ratio': full / nbytes if nbytes else None,
             'layers': layers, 'generic': generic}

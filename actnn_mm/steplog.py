@@ -21,6 +21,7 @@ class _Kept:
     full_bytes: int
     widths: Optional[torch.Tensor]  # bits per sample of a quantized activation, else None
     sample_elements: int
+    statistics_bytes: int = 0  # of a quantized activation's group statistics
 
 
 class StepLog:
@@ -63,13 +64,14 @@ class StepLog:
                 first = flagged[int(values.nonzero()[0, 0])]
                 raise ValueError(
                     f'actnn_mm: the activation kept by {first} (and {int(values.sum()) - 1} '
-                    f'more) had NaN or Inf values (or magnitudes beyond the bfloat16 range) in an '
+                    f'more) had NaN or Inf values (or a range beyond float32) in an '
                     f'earlier step; on accelerators this is checked without waiting for them, so '
                     f'it is reported a step or two late. Training has likely diverged: lower the '
                     f'learning rate or clip gradients.')
 
     def record(self, module: torch.nn.Module, nbytes: int, full_bytes: int,
-               widths: Optional[torch.Tensor] = None, sample_elements: int = 0) -> None:
+               widths: Optional[torch.Tensor] = None, sample_elements: int = 0,
+               statistics_bytes: int = 0) -> None:
         """Note that ``module`` keeps ``nbytes`` where torch would keep ``full_bytes``.
 
         Args:
@@ -79,14 +81,15 @@ class StepLog:
             widths: bits per sample when the tensor kept is a quantized activation (kept as
                 given: read only when :func:`stats` is asked).
             sample_elements: elements per sample of that activation.
+            statistics_bytes: bytes of its group statistics (part of ``nbytes``).
         """
         self.kept.setdefault(id(module), []).append(
-            _Kept(nbytes, full_bytes, widths, sample_elements))
+            _Kept(nbytes, full_bytes, widths, sample_elements, statistics_bytes))
 
     def record_generic(self, nbytes: int, full_bytes: int, widths: Optional[torch.Tensor],
-                       sample_elements: int) -> None:
+                       sample_elements: int, statistics_bytes: int = 0) -> None:
         """Note a saved tensor that generic mode compressed, arguments as in :meth:`record`."""
-        self.generic.append(_Kept(nbytes, full_bytes, widths, sample_elements))
+        self.generic.append(_Kept(nbytes, full_bytes, widths, sample_elements, statistics_bytes))
 
     def record_uncompressed(self, reason: str, nbytes: int) -> None:
         """Note a saved tensor of ``nbytes`` that generic mode left in full precision."""

@@ -5,20 +5,22 @@
 
 TORCH_LIBRARY(actnn_mm, m) {
   // x: (N, M) contiguous float32/float16/bfloat16; bits: (N,) uint8; offsets: (N + 1,) int64 byte
-  // offsets of each sample's packed stream. Returns (data: uint8[total_bytes],
-  // meta: bfloat16[groups, 2]).
+  // offsets of each sample's packed stream. Returns (data: uint8[total_bytes], meta: uint8[groups,
+  // 2] codes of each group's min and scale, sample_meta: float32[N, 2] min and range of each
+  // sample; see csrc/common/codec.h).
   m.def(
       "quantize(Tensor x, Tensor bits, Tensor offsets, int group_size, int seed, bool stochastic, "
-      "SymInt total_bytes) -> (Tensor, Tensor)");
+      "SymInt total_bytes) -> (Tensor, Tensor, Tensor)");
   // Returns the (num_samples, sample_size) tensor of dtype `dtype`.
   m.def(
-      "dequantize(Tensor data, Tensor meta, Tensor bits, Tensor offsets, SymInt num_samples, "
-      "SymInt sample_size, int group_size, ScalarType dtype) -> Tensor");
+      "dequantize(Tensor data, Tensor meta, Tensor sample_meta, Tensor bits, Tensor offsets, "
+      "SymInt num_samples, SymInt sample_size, int group_size, ScalarType dtype) -> Tensor");
   // dequantize of samples quantized as (rows, cols) row-major matrices, each returned transposed:
   // (num_samples, cols, rows), e.g. an NCHW activation (rows = C, cols = H * W) in channels_last.
   m.def(
-      "dequantize_transposed(Tensor data, Tensor meta, Tensor bits, Tensor offsets, "
-      "SymInt num_samples, SymInt rows, SymInt cols, int group_size, ScalarType dtype) -> Tensor");
+      "dequantize_transposed(Tensor data, Tensor meta, Tensor sample_meta, Tensor bits, "
+      "Tensor offsets, SymInt num_samples, SymInt rows, SymInt cols, int group_size, "
+      "ScalarType dtype) -> Tensor");
   // Exact packing of small integers (masks, indices): values: contiguous uint8 or bool, each
   // below 2^bits; value i goes to bits [(i % k) * bits, ...) of byte i / k, k = 8 / bits.
   m.def("pack_bits(Tensor values, int bits) -> Tensor");

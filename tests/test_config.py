@@ -7,16 +7,17 @@ import torch
 
 import actnn_mm
 from actnn_mm import config
-from actnn_mm.config import LEVELS, Config
+from actnn_mm.compress.codec import statistics_bits
+from actnn_mm.config import ADAPTIVE_BUDGET, LEVELS, Config
 from test_layers.qchecks import settings
 
 EXPECTED = {  # level: (compressed_layers, bits, adaptive, swap, expandable_segments)
     'L0': ('none', 8, False, False, False),
     'L1': ('conv', 4, False, False, False),
     'L2': ('all', 4, False, False, False),
-    'L3': ('all', 2, True, False, False),
-    'L4': ('all', 2, True, True, False),
-    'L5': ('all', 2, True, True, True),
+    'L3': ('all', 2.0625, True, False, False),
+    'L4': ('all', 2.0625, True, True, False),
+    'L5': ('all', 2.0625, True, True, True),
 }
 
 
@@ -90,7 +91,8 @@ def test_bad_values_are_refused(name, value, error):
         with pytest.raises(error):
             setattr(config, name, value)
         assert (config.bits, config.group_size, config.stochastic, config.swap,
-                config.compressed_layers, config.adaptive) == (2, 256, True, False, 'all', True)
+                config.compressed_layers, config.adaptive) == (ADAPTIVE_BUDGET, 256, True, False,
+                                                               'all', True)
 
 
 def test_knobs_can_be_set_one_by_one():
@@ -139,18 +141,44 @@ def test_real_budgets_need_the_adaptive_allocator():
         assert actnn_mm.config.bits == 4 and not actnn_mm.config.adaptive
         with pytest.raises(ValueError, match='adaptive allocator'):
             actnn_mm.config.activation_compression_bits = [1.25]
+        actnn_mm.config.activation_compression_bits = [2.0]  # a whole number is a width
+        assert actnn_mm.config.bits == 2 and isinstance(actnn_mm.config.bits, int)
         for bad in ([0.5], [8.5], [True], ['2'], 1.5):
             with pytest.raises(ValueError, match='between 1 and 8'):
                 actnn_mm.config.activation_compression_bits = bad
 
 
+def test_budgets_that_leave_no_bit_for_the_values_raise():
+    """At L3-L5 the budget includes the group statistics: it must leave 1 bit for the values,
+    whatever setting changes last."""
+    least = 1 + statistics_bits(256)
+    with settings('L3'):
+        actnn_mm.config.activation_compression_bits = [least]
+        with pytest.raises(ValueError, match='less than 1 bit for the values'):
+            actnn_mm.config.activation_compression_bits = [1.0]
+        with pytest.raises(ValueError, match='less than 1 bit for the values'):
+            actnn_mm.config.group_size = 64  # more statistics per value
+        actnn_mm.config.activation_compression_bits = [2]
+        actnn_mm.config.group_size = 64
+        with pytest.raises(ValueError, match='less than 1 bit for the values'):
+            actnn_mm.config.activation_compression_bits = [least]
+    with settings('L2'):
+        actnn_mm.config.activation_compression_bits = [1]  # a width: statistics on top
+        with pytest.raises(ValueError, match='less than 1 bit for the values'):
+            actnn_mm.config.adaptive = True
+
+
 def test_generic_mode_spreads_a_real_budget_over_samples():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
-    x = torch.randn(16, 64) * torch.logspace(-2, 1, 16)[:, None]
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                torch.nn.Linear(512, 8))
+    x = torch.randn(16, 512) * torch.logspace(-2, 1, 16)[:, None]
     with settings('L3', activation_compression_bits=[1.5]):
         with actnn_mm.compress_saved_tensors(model, min_bytes=0):
             model(x).sum().backward()
-        generic = actnn_mm.stats(model)['generic']
+        s = actnn_mm.stats(model)
+    generic = s['generic']
     assert generic['calls'] > 0 and generic['bits_min'] < generic['bits_max']
-    assert generic['bits_mean'] <= 1.5 + 1e-9
+    # the budget includes the group statistics (of rows of 512 values here)
+    assert generic['bits_mean'] <= 1.5 - statistics_bits(256, 512) + 1e-9
+    assert s['average_bits'] + s['statistics_bits'] <= 1.5 + 1e-9

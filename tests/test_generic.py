@@ -195,7 +195,7 @@ def test_vit_block_at_2_bits_keeps_4x_less():
     """Converted layers and generic mode together, counted against what torch keeps."""
     model, x = block(64), torch.randn(4, 64, 64)
     plain = sum(r.nbytes for r in actnn_mm.report_uncompressed(model, x, min_bytes=0))
-    with settings('L3', adaptive=False):
+    with settings('L3', activation_compression_bits=[2], adaptive=False):
         actnn_mm.QModule(model)
         _, stats = generic_grads(model, x)
     layers = [m for m in model.modules() if hasattr(m, 'actnn_saved_bytes')]
@@ -213,7 +213,7 @@ def test_vit_block_at_2_bits_keeps_4x_less():
     assert step['generic']['uncompressed_bytes'] == stats.kept_bytes
     assert step['compressed_bytes'] == sum(m.actnn_saved_bytes for m in layers) + stats.saved_bytes
     assert step['average_bits'] == 2
-    with settings('L3', adaptive=False):
+    with settings('L3', activation_compression_bits=[2], adaptive=False):
         generic_grads(model, x)  # the next step starts afresh
     assert actnn_mm.stats(model)['compressed_bytes'] == step['compressed_bytes']
 

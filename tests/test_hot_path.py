@@ -83,10 +83,11 @@ def test_a_read_would_be_caught(monkeypatch):
 
     record = StepLog.record
 
-    def reading_record(self, module, nbytes, full_bytes, widths=None, sample_elements=0):
+    def reading_record(self, module, nbytes, full_bytes, widths=None, sample_elements=0,
+                       statistics_bytes=0):
         if widths is not None:
             widths.tolist()  # what the log did before it kept the widths on their device
-        record(self, module, nbytes, full_bytes, widths, sample_elements)
+        record(self, module, nbytes, full_bytes, widths, sample_elements, statistics_bytes)
 
     monkeypatch.setattr(StepLog, 'record', reading_record)
     with settings('L3'), _fake(_cnn(), 'meta') as model, \

@@ -122,8 +122,8 @@ def codec(args: argparse.Namespace) -> Dict:
             'reference_quantize': _median_seconds(
                 lambda: reference.quantize(samples, *ref_args), args.ref_repeat),
             'reference_dequantize': _median_seconds(
-                lambda: reference.dequantize(c.data, c.meta, c.bits, c.offsets, n, m,
-                                             c.group_size, x.dtype), args.ref_repeat),
+                lambda: reference.dequantize(c.data, c.meta, c.sample_meta, c.bits, c.offsets,
+                                             n, m, c.group_size, x.dtype), args.ref_repeat),
         }
         rows.append({'bits': bits, 'ratio': x.numel() * 4 / c.nbytes,
                      **{k: gb / v for k, v in timings.items()}})
@@ -394,14 +394,57 @@ class _SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
 # `efficient_conv_bn_eval` config keys (see _native_savers).
 METHODS = ('FP32', 'AMP', 'CP', 'ACP', 'ECBE', 'L0', 'L1', 'L2', 'L3', 'L4', 'L5', 'L3+AMP',
            'L3+CP', 'L3+ACP', 'L3+ECBE')
+# A level may name its bits: LEVEL@BITS (e.g. L3@1.5: L3 at an average budget of 1.5 bits)
+BUDGET = '@'
+
+
+def set_level(spec: str) -> None:
+    """Set an ActNN level, or ``LEVEL@BITS``: the level with ``activation_compression_bits``
+    ``[BITS]`` (a width, or an average budget at L3-L5)."""
+    import actnn_mm
+
+    level, _, bits = spec.partition(BUDGET)
+    actnn_mm.set_optimization_level(level)
+    if bits:
+        actnn_mm.config.activation_compression_bits = [float(bits)]
+
+
+def check_level(spec: str) -> None:
+    """Raise ValueError unless ``spec`` is a level or ``LEVEL@BITS`` that config accepts (checked
+    on a scratch config: the global one, and the environment L5 changes, are left alone)."""
+    from actnn_mm.config import Config
+
+    level, _, bits = spec.partition(BUDGET)
+    if level not in LEVELS:
+        raise ValueError(f'unknown level {level!r}')
+    scratch = Config()
+    scratch.activation_compression_bits = [2]  # valid with and without adaptive
+    scratch.adaptive = LEVELS.index(level) >= LEVELS.index('L3')
+    if bits:
+        scratch.activation_compression_bits = [float(bits)]
+
+
+def method_spec(text: str) -> str:
+    """An argparse type: one of METHODS, or one whose level names its bits (``L3@1.5``,
+    ``L3@1.5+CP``)."""
+    level, _ = _method_parts(text)
+    try:
+        if (text.replace(level, level.partition(BUDGET)[0]) if level else text) not in METHODS:
+            raise ValueError(f'expected one of {METHODS}, a level with {BUDGET}BITS (e.g. '
+                             f'L3{BUDGET}1.5)')
+        if level:
+            check_level(level)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'{text!r}: {e}') from e
+    return text
 
 
 def _method_parts(method: str) -> Tuple[Optional[str], FrozenSet[str]]:
     """The ActNN level of ``method`` (None for none) and its other parts: 'L3+AMP' -> ('L3',
     {'AMP'}), 'FP32' -> (None, {})."""
     parts = set(method.split('+')) - {'FP32'}
-    levels = parts & set(LEVELS)
-    return (levels.pop() if levels else None), frozenset(parts - set(LEVELS))
+    levels = {part for part in parts if part.partition(BUDGET)[0] in LEVELS}
+    return next(iter(levels), None), frozenset(parts - levels)
 
 
 @dataclasses.dataclass
@@ -471,15 +514,15 @@ def _method_training(method: str, device: torch.device,
 
     level, extras = _method_parts(method)
     if level:
-        actnn_mm.set_optimization_level(level)
+        set_level(level)
     torch.manual_seed(0)
     model = build(extras - {'AMP'}).to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if level:
         actnn_mm.QModule(model)
-    generic = (actnn_mm.compress_saved_tensors(model)
-               if level and LEVELS.index(level) >= LEVELS.index('L3') else None)
+    adaptive = level and LEVELS.index(level.partition(BUDGET)[0]) >= LEVELS.index('L3')
+    generic = actnn_mm.compress_saved_tensors(model) if adaptive else None
     amp = 'AMP' in extras
     return _Training(model, optimizer, make_loss(model),
                      torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16
@@ -1457,9 +1500,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument('--image-size', type=int, help="default: the model's (BENCH_MODELS)")
         p.add_argument('--steps', type=int, default=3, help='timed training steps')
         if name == 'memory':
-            p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
+            p.add_argument('--methods', nargs='+', type=method_spec, default=list(METHODS),
+                           help=f'of {", ".join(METHODS)}; a level may name its bits '
+                                f'(L3{BUDGET}1.5)')
         else:
-            p.add_argument('--method', choices=METHODS, required=True)
+            p.add_argument('--method', type=method_spec, required=True)
             p.add_argument('--timing', action='store_true')
         p.set_defaults(run=run)
     p = studies.add_parser('pareto', help='activation memory, peak and step time of every '

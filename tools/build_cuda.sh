@@ -28,8 +28,9 @@ spec.loader.exec_module(module)
 assert module.with_cuda == 1, 'built without the CUDA kernels'
 x = torch.randn(2, 100)
 bits, offsets = torch.full((2,), 2, dtype=torch.uint8), torch.tensor([0, 25, 50])
-data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
-y = torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 2, 100, 64, torch.float32)
+data, meta, sample_meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
+y = torch.ops.actnn_mm.dequantize(data, meta, sample_meta, bits, offsets, 2, 100, 64,
+                                  torch.float32)
 assert y.shape == x.shape
 print('CUDA extension built, linked and loaded:', sys.argv[1].rsplit('/', 1)[-1])
 PY

@@ -1,8 +1,9 @@
 """Public codec API: ``quantize`` an activation into a :class:`CompressedTensor`, ``dequantize`` it.
 
-Dim 0 is the sample axis. Each sample is split into groups of ``group_size`` values (in memory
-order, so channels_last tensors are compressed without a copy); a group keeps its min and scale
-in bfloat16 and its values as ``bits``-bit integers from stochastic rounding, so that
+Dim 0 is the sample axis. Each sample keeps its min and range in float32 and is split into groups
+of ``group_size`` values (in memory order, so channels_last tensors are compressed without a copy);
+a group keeps its min and scale as two 8-bit codes on a grid its sample's min and range span, and
+its values as ``bits``-bit integers from stochastic rounding, so that
 ``E[dequantize(quantize(x))] == x``. ``bits`` is one width for all samples or one per sample (mixed
 precision); all samples share one byte stream, each starting on a byte.
 """
@@ -19,6 +20,15 @@ SUPPORTED_BITS = (1, 2, 4, 8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def statistics_bits(group_size: int, values: Optional[int] = None) -> float:
+    """Bits per value that the statistics (16 per group: its min and scale codes; 64 per sample:
+    its min and range) cost on top of the values, in samples of ``values`` values (None: many,
+    whole groups)."""
+    if not values:
+        return 16 / group_size
+    return (16 * -(-values // group_size) + 64) / values
+
+
 @dataclasses.dataclass
 class CompressedTensor:
     """A quantized activation and what is needed to restore its shape, dtype and layout.
@@ -26,7 +36,9 @@ class CompressedTensor:
     Attributes:
         data: uint8 stream of all samples' packed values (sized from a bit budget, it may end in
             unused bytes).
-        meta: (groups, 2) bfloat16 min and scale of each group.
+        meta: (groups, 2) uint8 codes of each group's min and scale on its sample's grid.
+        sample_meta: (N, 2) float32 min and range (max - min) of each sample, which span its
+            grid; NaN where the sample held NaN or Inf.
         bits: (N,) uint8 bit width of each sample.
         offsets: (N + 1,) int64 byte offset of each sample's stream in ``data``.
         shape: shape of the original tensor.
@@ -37,6 +49,7 @@ class CompressedTensor:
 
     data: torch.Tensor
     meta: torch.Tensor
+    sample_meta: torch.Tensor
     bits: torch.Tensor
     offsets: torch.Tensor
     shape: torch.Size
@@ -46,9 +59,16 @@ class CompressedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes really held: the packed values, 4 per group, 9 per sample (width, offset) + 8."""
+        """Bytes really held: the packed values, 2 per group, 17 per sample (min and range, width,
+        offset) + 8."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.meta, self.bits, self.offsets))
+                   for t in (self.data, self.meta, self.sample_meta, self.bits, self.offsets))
+
+    @property
+    def statistics_nbytes(self) -> int:
+        """Bytes of the statistics: the groups' codes and the samples' min and range (part of
+        :attr:`nbytes`)."""
+        return sum(t.numel() * t.element_size() for t in (self.meta, self.sample_meta))
 
     @property
     def device(self) -> torch.device:
@@ -61,11 +81,13 @@ class CompressedTensor:
             return self
         move = (lambda t: t.to(device, non_blocking=non_blocking))
         return dataclasses.replace(self, data=move(self.data), meta=move(self.meta),
-                                   bits=move(self.bits), offsets=move(self.offsets))
+                                   sample_meta=move(self.sample_meta), bits=move(self.bits),
+                                   offsets=move(self.offsets))
 
     def pin_memory(self) -> 'CompressedTensor':
         """A copy in page-locked CPU memory, so copies to and from a GPU can overlap compute."""
         return dataclasses.replace(self, data=self.data.pin_memory(), meta=self.meta.pin_memory(),
+                                   sample_meta=self.sample_meta.pin_memory(),
                                    bits=self.bits.pin_memory(), offsets=self.offsets.pin_memory())
 
 
@@ -168,11 +190,6 @@ def _mix(seed: int, counter: int) -> int:
     return (z ^ (z >> 31)) - 2**63
 
 
-# A bfloat16 is NaN or Inf when all its exponent bits are set, i.e. its bits without the sign are
-# at least these: two integer ops test a whole meta, 10x faster than torch.isfinite on bfloat16.
-_BF16_NON_FINITE = 0x7F80
-
-
 # Devices where quantize checks for NaN/Inf at once (reading the check's result there costs
 # nothing); elsewhere reading it would wait for the device.
 _CHECKED_AT_ONCE = ('cpu',)
@@ -185,35 +202,30 @@ def checks_at_once(device: torch.device) -> bool:
 
 
 def not_finite(c: CompressedTensor) -> torch.Tensor:
-    """A bool scalar on ``c``'s device: whether the activation held NaN or Inf (or magnitudes
-    beyond the bfloat16 range), computed without reading device memory on the host."""
-    if not c.meta.numel():
-        return torch.zeros((), dtype=torch.bool, device=c.device)
-    return (c.meta.view(torch.int16) & 0x7FFF).amax() >= _BF16_NON_FINITE
+    """A bool scalar on ``c``'s device: whether the activation held NaN or Inf (or a sample's
+    range beyond float32), computed without reading device memory on the host."""
+    return ~torch.isfinite(c.sample_meta).all()
 
 
 def raise_if_not_finite(c: CompressedTensor) -> None:
     """Raise if ``c`` was quantized from NaN or Inf values (reads ``c`` on the host).
 
     Raises:
-        ValueError: naming how many groups are affected and the first sample.
+        ValueError: naming how many samples are affected and the first.
     """
-    meta = c.meta.cpu()
-    bad = ~torch.isfinite(meta).all(dim=1)
+    bad = ~torch.isfinite(c.sample_meta.cpu()).all(dim=1)
     if bool(bad.any()):
-        n = c.offsets.shape[0] - 1
-        first = int(bad.nonzero()[0, 0]) // max(1, meta.shape[0] // max(n, 1))
         raise ValueError(
-            f'actnn_mm.compress.quantize: the activation has NaN or Inf values (or magnitudes beyond '
-            f'the bfloat16 range) in {int(bad.sum())} of {meta.shape[0]} groups, the first in '
-            f'sample {first}. Training has likely diverged: lower the learning rate or clip '
-            f'gradients.')
+            f'actnn_mm.compress.quantize: the activation has NaN or Inf values (or a range beyond '
+            f'float32) in {int(bad.sum())} of {bad.shape[0]} samples, the first in sample '
+            f'{int(bad.nonzero()[0, 0])}. Training has likely diverged: lower the learning rate '
+            f'or clip gradients.')
 
 
 def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 256,
              seed: Optional[int] = None, stochastic: bool = True, budget: Optional[float] = None,
              defer_check: bool = False) -> CompressedTensor:
-    """Compress ``x`` to ``bits`` bits per value (plus 32 bits per group).
+    """Compress ``x`` to ``bits`` bits per value (plus 16 bits per group and 8 bytes per sample).
 
     Nothing is read back from an accelerator (so the host never waits for it) unless it must
     check there for NaN/Inf: pass ``defer_check`` and check :func:`not_finite` later instead.
@@ -249,12 +261,12 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
     widths = _widths(bits, n, x.device)
     offsets, total_bytes = _stream_layout(widths, bits, m, budget)
     seed = _draw_seed(x.device) if seed is None else (int(seed) + 2**63) % 2**64 - 2**63
-    data, meta = ops.quantize(samples, widths, offsets, group_size, seed, bool(stochastic),
-                              total_bytes)
-    compressed = CompressedTensor(data, meta, widths, offsets, x.shape, x.dtype, permutation,
-                                  group_size)
+    data, meta, sample_meta = ops.quantize(samples, widths, offsets, group_size, seed,
+                                           bool(stochastic), total_bytes)
+    compressed = CompressedTensor(data, meta, sample_meta, widths, offsets, x.shape, x.dtype,
+                                  permutation, group_size)
     if checks_at_once(x.device):
-        if meta.numel() and int((meta.view(torch.int16) & 0x7FFF).amax()) >= _BF16_NON_FINITE:
+        if not bool(torch.isfinite(sample_meta).all()):
             raise_if_not_finite(compressed)
     elif not defer_check:
         raise_if_not_finite(compressed)
@@ -277,11 +289,12 @@ def dequantize(c: CompressedTensor,
     m = c.shape.numel() // n if n else 0
     if memory_format is torch.channels_last and len(c.shape) == 4 and c.permutation is None:
         channels = c.shape[1]
-        values = ops.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, n, channels,
-                                           m // channels if channels else 0, c.group_size,
-                                           c.dtype)
+        values = ops.dequantize_transposed(c.data, c.meta, c.sample_meta, c.bits, c.offsets, n,
+                                           channels, m // channels if channels else 0,
+                                           c.group_size, c.dtype)
         return values.view(n, c.shape[2], c.shape[3], channels).permute(0, 3, 1, 2)
-    samples = ops.dequantize(c.data, c.meta, c.bits, c.offsets, n, m, c.group_size, c.dtype)
+    samples = ops.dequantize(c.data, c.meta, c.sample_meta, c.bits, c.offsets, n, m,
+                             c.group_size, c.dtype)
     if c.permutation is None:
         return samples.reshape(c.shape)
     permuted: Sequence[int] = [c.shape[d] for d in c.permutation]

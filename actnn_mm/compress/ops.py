@@ -67,15 +67,17 @@ if _C is not None:
     def _quantize_fake(x, bits, offsets, group_size, seed, stochastic, total_bytes):
         groups = x.shape[0] * -(-x.shape[1] // group_size)
         return (x.new_empty(total_bytes, dtype=torch.uint8),
-                x.new_empty((groups, 2), dtype=torch.bfloat16))
+                x.new_empty((groups, 2), dtype=torch.uint8),
+                x.new_empty((x.shape[0], 2), dtype=torch.float32))
 
     @torch.library.register_fake('actnn_mm::dequantize')
-    def _dequantize_fake(data, meta, bits, offsets, num_samples, sample_size, group_size, dtype):
+    def _dequantize_fake(data, meta, sample_meta, bits, offsets, num_samples, sample_size,
+                         group_size, dtype):
         return data.new_empty((num_samples, sample_size), dtype=dtype)
 
     @torch.library.register_fake('actnn_mm::dequantize_transposed')
-    def _dequantize_transposed_fake(data, meta, bits, offsets, num_samples, rows, cols,
-                                    group_size, dtype):
+    def _dequantize_transposed_fake(data, meta, sample_meta, bits, offsets, num_samples, rows,
+                                    cols, group_size, dtype):
         return data.new_empty((num_samples, cols, rows), dtype=dtype)
 
     @torch.library.register_fake('actnn_mm::pack_bits')
@@ -124,7 +126,9 @@ if _C is not None:
 
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
-             seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             seed: int, stochastic: bool,
+             total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` quantized: its packed values, its groups' codes and its samples' min and range."""
     if _extension_serves(x):
         return torch.ops.actnn_mm.quantize(x, bits, offsets, group_size, seed, stochastic,
                                            total_bytes)
@@ -132,28 +136,29 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
     return reference.quantize(x, bits, offsets, group_size, seed, stochastic, total_bytes)
 
 
-def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
-               num_samples: int, sample_size: int, group_size: int,
-               dtype: torch.dtype) -> torch.Tensor:
+def dequantize(data: torch.Tensor, meta: torch.Tensor, sample_meta: torch.Tensor,
+               bits: torch.Tensor, offsets: torch.Tensor, num_samples: int, sample_size: int,
+               group_size: int, dtype: torch.dtype) -> torch.Tensor:
     if _extension_serves(data):
-        return torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, num_samples, sample_size,
-                                             group_size, dtype)
+        return torch.ops.actnn_mm.dequantize(data, meta, sample_meta, bits, offsets, num_samples,
+                                             sample_size, group_size, dtype)
     _warn_fallback(data.device)
-    return reference.dequantize(data, meta, bits, offsets, num_samples, sample_size, group_size,
-                                dtype)
+    return reference.dequantize(data, meta, sample_meta, bits, offsets, num_samples, sample_size,
+                                group_size, dtype)
 
 
-def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor,
-                          offsets: torch.Tensor, num_samples: int, rows: int, cols: int,
-                          group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, sample_meta: torch.Tensor,
+                          bits: torch.Tensor, offsets: torch.Tensor, num_samples: int, rows: int,
+                          cols: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize` of samples quantized as (rows, cols) matrices, each transposed:
     (num_samples, cols, rows)."""
     if _extension_serves(data):
-        return torch.ops.actnn_mm.dequantize_transposed(data, meta, bits, offsets, num_samples,
-                                                        rows, cols, group_size, dtype)
+        return torch.ops.actnn_mm.dequantize_transposed(data, meta, sample_meta, bits, offsets,
+                                                        num_samples, rows, cols, group_size,
+                                                        dtype)
     _warn_fallback(data.device)
-    return reference.dequantize_transposed(data, meta, bits, offsets, num_samples, rows, cols,
-                                           group_size, dtype)
+    return reference.dequantize_transposed(data, meta, sample_meta, bits, offsets, num_samples,
+                                           rows, cols, group_size, dtype)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,17 +1,25 @@
 """Pure-PyTorch reference of the codec: the tests' oracle and the fallback without the extension.
 
-It implements the two ops ``actnn_mm::quantize`` and ``actnn_mm::dequantize`` (schemas in
-``csrc/actnn.cpp``) with the same arguments and mirrors ``csrc/common/codec.h`` operation for
-operation, so its output equals the kernels' bit for bit. 32-bit unsigned arithmetic is done in
-int64 tensors with explicit masks (torch has no full uint32 arithmetic).
+It implements the ops ``actnn_mm::quantize`` and ``actnn_mm::dequantize`` (schemas in
+``csrc/actnn.cpp``) with the same arguments and computes every value of ``csrc/common/codec.h``
+with the same float32 operations, so its output equals the kernels' bit for bit. A group's codes,
+which the kernels find by stepping from a guess, are found here by bisection (each is the largest
+code that satisfies its condition): an independent check of the kernels' search. 32-bit unsigned
+arithmetic is done in int64 tensors with explicit masks (torch has no full uint32 arithmetic).
 """
 from typing import Callable, List, Tuple, Union
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
-_BF16_NAN = 0x7FC0
-_BF16_ONE = 0x3F80
+_TOP_CODE = 255
+_MIN_BASE = 2.0**-126
+# 2^(-k/16), k = 0..15, rounded to nearest float32: codec.h's scale_step, the same literals.
+_SCALE_STEPS = [float.fromhex(h) for h in (
+    '0x1p+0', '0x1.ea4afap-1', '0x1.d5818ep-1', '0x1.c199bep-1',
+    '0x1.ae89fap-1', '0x1.9c4918p-1', '0x1.8ace54p-1', '0x1.7a1148p-1',
+    '0x1.6a09e6p-1', '0x1.5ab07ep-1', '0x1.4bfdaep-1', '0x1.3dea64p-1',
+    '0x1.306fe0p-1', '0x1.2387a6p-1', '0x1.172b84p-1', '0x1.0b5586p-1')]
 
 IntOrTensor = Union[int, torch.Tensor]
 
@@ -50,39 +58,73 @@ def _float_bits(f: torch.Tensor) -> torch.Tensor:
     return f.contiguous().view(torch.int32).to(torch.int64) & _MASK32
 
 
-def bf16_to_float(h: torch.Tensor) -> torch.Tensor:
-    u = h.to(torch.int64) << 16
+def _bits_float(u: torch.Tensor) -> torch.Tensor:
+    u = u & _MASK32
     return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
 
 
-def bf16_round_down(f: torch.Tensor) -> torch.Tensor:
-    u = _float_bits(f)
-    step = ((u & 0xFFFF) != 0) & ((u >> 31) == 1)
-    return ((u >> 16) + step.to(torch.int64)) & 0xFFFF
+def scale_factor(e: torch.Tensor) -> torch.Tensor:
+    """2^(-e/16) of int64 scale codes: a table entry times an exact power of two."""
+    steps = torch.tensor(_SCALE_STEPS, dtype=torch.float32, device=e.device)
+    return steps[e & 15] * _bits_float((127 - (e >> 4)) << 23)
 
 
-def bf16_round_up(f: torch.Tensor) -> torch.Tensor:
-    u = _float_bits(f)
-    return ((u >> 16) + ((u & 0xFFFF) != 0).to(torch.int64)) & 0xFFFF
+Grid = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # min, step, base: codec.h's SampleGrid
 
 
-def group_params(lo: torch.Tensor, hi: torch.Tensor,
-                 levels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """bf16 bit patterns (int64) of each group's stored min and scale; see codec.h."""
-    min_bits = bf16_round_down(lo + 0.0)  # -0 -> +0, as in codec.h
-    mn = bf16_to_float(min_bits)
-    rng = hi - mn
+def sample_grid(mn: torch.Tensor, rng: torch.Tensor, levels: torch.Tensor) -> Grid:
+    """The grids of samples of stored min ``mn`` and range ``rng`` at ``levels`` levels."""
     levels_f = levels.to(torch.float32)
-    invalid = ~torch.isfinite(rng) | ~torch.isfinite(mn)
-    scale_bits = bf16_round_up(rng / levels_f)
-    active = ~invalid & (rng != 0)
+    step = rng / float(_TOP_CODE)
+    base = torch.where(rng == 0, 1.0, rng / levels_f)
+    base = torch.where(base < _MIN_BASE, _MIN_BASE, base)
     while True:
-        too_small = active & (rng * reciprocal(bf16_to_float(scale_bits)) > levels_f)
-        if not bool(too_small.any()):
-            break
-        scale_bits = scale_bits + too_small.to(torch.int64)
-    scale_bits = torch.where(rng == 0, _BF16_ONE, scale_bits)
-    return (torch.where(invalid, _BF16_NAN, min_bits), torch.where(invalid, _BF16_NAN, scale_bits))
+        low = rng * reciprocal(base) > levels_f
+        if not bool(low.any()):
+            return mn, step, base
+        base = torch.where(low, _bits_float(_float_bits(base) + 1), base)
+
+
+def grid_min(grid: Grid, code: torch.Tensor) -> torch.Tensor:
+    """Stored min of (N, ...) min codes on the grids of N samples."""
+    mn, step, _ = (t.view(-1, *[1] * (code.dim() - 1)) for t in grid)
+    return mn + code.to(torch.float32) * step
+
+
+def grid_scale(grid: Grid, code: torch.Tensor) -> torch.Tensor:
+    """Stored scale of (N, ...) scale codes on the grids of N samples."""
+    base = grid[2].view(-1, *[1] * (code.dim() - 1))
+    return base * scale_factor(code)
+
+
+def sample_stats(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """(N, 2) stored min and range of samples from their groups' (N, groups) mins and maxes."""
+    if lo.shape[1] == 0:
+        return torch.zeros(lo.shape[0], 2, device=lo.device)
+    mn = lo.amin(dim=1) + 0.0  # -0 -> +0, as in codec.h
+    rng = (hi.amax(dim=1) - mn) + 0.0
+    base = sample_grid(mn, rng, levels)[2]
+    finite = torch.isfinite(mn) & torch.isfinite(rng) & torch.isfinite(base)
+    return torch.where(finite[:, None], torch.stack([mn, rng], dim=1), float('nan'))
+
+
+def _largest_code(holds: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The largest code in [0, 255] for which ``holds`` (true on a prefix of the codes) is true, or
+    0 where it is true for none, by bisection."""
+    code = torch.zeros_like(like, dtype=torch.int64)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        code = torch.where(holds(code + step), code + step, code)
+    return code
+
+
+def group_codes(grid: Grid, lo: torch.Tensor, hi: torch.Tensor,
+                levels: torch.Tensor) -> torch.Tensor:
+    """(N, groups, 2) int64 min and scale codes of groups of (N, groups) range [lo, hi]."""
+    min_code = _largest_code(lambda c: grid_min(grid, c) <= lo, lo)
+    span = hi - grid_min(grid, min_code)
+    top = levels.to(torch.float32)[:, None]
+    scale_code = _largest_code(lambda e: span * reciprocal(grid_scale(grid, e)) <= top, lo)
+    return torch.stack([min_code, scale_code], dim=2)
 
 
 def _groupwise(x: torch.Tensor, group_size: int, pad: float) -> torch.Tensor:
@@ -100,7 +142,8 @@ def _per_element(per_group: torch.Tensor, group_size: int, m: int) -> torch.Tens
 
 
 def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_size: int,
-             seed: int, stochastic: bool, total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             seed: int, stochastic: bool,
+             total_bytes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, m = x.shape
     device = x.device
     xf = x.to(torch.float32)
@@ -108,18 +151,19 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
     lo = _groupwise(xf, group_size, float('inf')).amin(dim=2)
     hi = _groupwise(xf, group_size, float('-inf')).amax(dim=2)
     # A group is never all padding, so a group min/max of +-inf comes from the input.
-    min_bits, scale_bits = group_params(lo, hi, levels[:, None].expand_as(lo))
-    meta = torch.stack([min_bits, scale_bits], dim=2).reshape(-1, 2)
-    meta = torch.where(meta >= 2**15, meta - 2**16, meta).to(torch.int16).view(torch.bfloat16)
+    sample_meta = sample_stats(lo, hi, levels)
+    grid = sample_grid(sample_meta[:, 0], sample_meta[:, 1], levels)
+    codes = group_codes(grid, lo, hi, levels)
+    meta = codes.reshape(-1, 2).to(torch.uint8)
 
-    mn = _per_element(bf16_to_float(min_bits), group_size, m)
-    scale = _per_element(bf16_to_float(scale_bits), group_size, m)
+    mn = _per_element(grid_min(grid, codes[..., 0]), group_size, m)
+    inv_scale = _per_element(reciprocal(grid_scale(grid, codes[..., 1])), group_size, m)
     if stochastic:
         index = torch.arange(n * m, dtype=torch.int64, device=device).view(n, m)
         u = uniform(rng_key(seed), index)
     else:
         u = torch.full((n, m), 0.5, device=device)
-    level = torch.floor((xf - mn) * reciprocal(scale) + u)
+    level = torch.floor((xf - mn) * inv_scale + u)
     levels_f = levels.to(torch.float32)[:, None]
     level = torch.where(level < levels_f, level, levels_f).to(torch.int64)
 
@@ -134,13 +178,14 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, group_s
         packed = (packed.view(len(rows), width, per_byte) << shifts).sum(dim=2)
         where = offsets[rows][:, None] + torch.arange(width, device=device)
         data[where] = packed.to(torch.uint8)
-    return data, meta
+    return data, meta, sample_meta
 
 
-def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor,
-                          offsets: torch.Tensor, num_samples: int, rows: int, cols: int,
-                          group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    values = dequantize(data, meta, bits, offsets, num_samples, rows * cols, group_size, dtype)
+def dequantize_transposed(data: torch.Tensor, meta: torch.Tensor, sample_meta: torch.Tensor,
+                          bits: torch.Tensor, offsets: torch.Tensor, num_samples: int, rows: int,
+                          cols: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    values = dequantize(data, meta, sample_meta, bits, offsets, num_samples, rows * cols,
+                        group_size, dtype)
     return values.view(num_samples, rows, cols).transpose(1, 2).contiguous()
 
 
@@ -250,17 +295,25 @@ def sum_of_squares(x: torch.Tensor, max_values: int, blocks: int) -> torch.Tenso
                       lambda runs: runs.double().square().sum(2))
 
 
-def dequantize(data: torch.Tensor, meta: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor,
-               num_samples: int, sample_size: int, group_size: int,
-               dtype: torch.dtype) -> torch.Tensor:
+def stored_params(meta: torch.Tensor, sample_meta: torch.Tensor, bits: torch.Tensor,
+                  num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, groups) float32 stored min and scale of each group of a compressed tensor."""
+    codes = meta.to(torch.int64).view(num_samples, -1, 2)
+    grid = sample_grid(sample_meta[:, 0], sample_meta[:, 1], (1 << bits.to(torch.int64)) - 1)
+    return grid_min(grid, codes[..., 0]), grid_scale(grid, codes[..., 1])
+
+
+def dequantize(data: torch.Tensor, meta: torch.Tensor, sample_meta: torch.Tensor,
+               bits: torch.Tensor, offsets: torch.Tensor, num_samples: int, sample_size: int,
+               group_size: int, dtype: torch.dtype) -> torch.Tensor:
     n, m = num_samples, sample_size
     device = data.device
     out = torch.empty(n, m, dtype=dtype, device=device)
     if n * m == 0:
         return out
-    meta_f = meta.to(torch.float32).view(n, -1, 2)
-    mn = _per_element(meta_f[..., 0], group_size, m)
-    scale = _per_element(meta_f[..., 1], group_size, m)
+    group_min, group_scale = stored_params(meta, sample_meta, bits, n)
+    mn = _per_element(group_min, group_size, m)
+    scale = _per_element(group_scale, group_size, m)
     j = torch.arange(m, dtype=torch.int64, device=device)
     for b in bits.unique().tolist():
         rows = (bits == b).nonzero().flatten()

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..allocate import PROBE_SAMPLES
 from .base import QLayer, autocast_inputs, grad_needed
 from .saved import save_activation, saved_activation
+from .state import state_of
 
 Pads = Optional[List[int]]
 
@@ -83,6 +85,25 @@ def _readers(x: torch.Tensor) -> _Readers:
     return readers
 
 
+def _offer_probe(ctx: torch.autograd.function.FunctionCtx, module: nn.Module,
+                 padded: torch.Tensor, weight: torch.Tensor) -> None:
+    """On the allocator's probe steps, offer the batch norm this convolution's output may feed
+    the weight gradient of the first samples (:meth:`actnn_mm.allocate.Allocator.offer_probe`)."""
+    transposed = ctx.args[3]
+    if ctx.actnn_module is None or transposed:  # not adaptive, or nothing compressed
+        return
+    allocator = state_of(module).allocator
+    if not allocator.probing:
+        return
+    x, args = padded[:PROBE_SAMPLES].detach().clone(), ctx.args
+
+    def weight_gradient(grad: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(grad.to(x.dtype), x, weight, None, *args,
+                                                   [False, True, False])[1]
+
+    allocator.offer_probe(ctx, weight_gradient)
+
+
 def made_by_conv(t: torch.Tensor) -> bool:
     """Whether ``t`` is the output of an ActNN convolution (plain or transposed)."""
     return isinstance(t.grad_fn, _ConvFunction._backward_cls)
@@ -116,6 +137,7 @@ class _ConvFunction(torch.autograd.Function):
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.args = (stride, padding, dilation, transposed, output_padding, groups)
         ctx.pre_pad, ctx.pad_mode = pre_pad, pad_mode
+        _offer_probe(ctx, module, padded, weight)
         return out
 
     @staticmethod

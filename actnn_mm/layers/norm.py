@@ -15,7 +15,7 @@ QSyncBatchNorm synchronises statistics with ``torch.distributed`` collectives on
 import functools
 import sys
 import types
-from typing import FrozenSet, List, Optional, Tuple, Union
+from typing import Callable, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,13 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as torch_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..allocate import PROBE_SAMPLES
 from ..compress import ops
+from ..config import config
 from .base import QLayer, channels_last_layout, grad_needed
 from .conv import made_by_conv
 from .saved import compresses, save_activation, saved_activation
+from .state import state_of
 
 Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -102,6 +105,29 @@ def _keep_input(ctx: torch.autograd.function.FunctionCtx, module: nn.Module, x: 
     save_activation(ctx, module, kept, *exact)
 
 
+def _probe_for(module: nn.Module, x: torch.Tensor) -> Optional[Callable[[torch.Tensor],
+                                                                         torch.Tensor]]:
+    """The weight gradient function the convolution that made ``x`` offers on the adaptive
+    allocator's probe steps, or None."""
+    return state_of(module).allocator.take_probe(x) if config.adaptive else None
+
+
+def _measure_propagation(module: nn.Module, probe: Callable[[torch.Tensor], torch.Tensor],
+                         xh: torch.Tensor, weight: Optional[torch.Tensor],
+                         invstd: torch.Tensor) -> None:
+    """Tell the allocator how much of the rounding noise of ``xh`` reaches the weight gradient
+    of the convolution before (``K`` of :mod:`actnn_mm.allocate`), from ``probe`` on its first
+    samples."""
+    sample = xh[:PROBE_SAMPLES]
+    u = probe(sample).flatten(1).float()
+    if u.shape[0] != xh.shape[1]:
+        return
+    count = sample.numel() // sample.shape[1]
+    scale = invstd if weight is None else invstd * weight
+    propagation = (scale.float() * u.norm(dim=1) / count).square().mean()
+    state_of(module).allocator.observe_propagation(module, propagation)
+
+
 def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.Module,
                            x: torch.Tensor, weight: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
@@ -115,6 +141,7 @@ def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.
     contiguous ``x`` itself: then only ``x`` is full-size (see :mod:`actnn_mm.inplace`).
     """
     if training:
+        probe = _probe_for(module, x)
         if overwrite and x.dtype == torch.float32 and x.is_contiguous():
             mean = x.new_empty(x.shape[1])
             invstd = torch.empty_like(mean)
@@ -126,6 +153,8 @@ def _normalize_then_affine(ctx: torch.autograd.function.FunctionCtx, module: nn.
         else:
             xh, mean, invstd = torch.ops.aten.native_batch_norm(
                 x, None, None, running_mean, running_var, True, momentum, eps)
+        if probe is not None:
+            _measure_propagation(module, probe, xh, weight, invstd)
         save_activation(ctx, module, xh, weight, mean, invstd)
     else:
         xh = _normalized(x, running_mean, running_var, eps)
@@ -329,8 +358,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 module: nn.Module, momentum: float, eps: float,
                 group: dist.ProcessGroup) -> torch.Tensor:
+        probe = _probe_for(module, x)
         out, mean, var, total = _sync_batch_norm(x, weight, bias, running_mean, running_var,
                                                  momentum, eps, group)
+        if probe is not None:
+            invstd = (var + eps).rsqrt()
+            _measure_propagation(module, probe, _normalized(x[:PROBE_SAMPLES], mean, var, eps),
+                                 weight, invstd)
         _keep_input(ctx, module, x, True, mean, var, eps, weight, mean, (var + eps).rsqrt())
         ctx.total, ctx.group, ctx.eps = total, group, eps
         return out

@@ -24,7 +24,9 @@ import weakref
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..allocate import NORM, WEIGHT
 from ..compress import FLOAT_DTYPES, CompressedTensor, dequantize, quantize
 from ..compress.codec import checks_at_once, not_finite
 from ..config import config
@@ -81,9 +83,15 @@ def _checkpoint_phase() -> Optional[str]:
     return _CHECKPOINT_HOOKS.get(hooks[0].__qualname__.split('.', 1)[0])
 
 
-# Layers whose saved input enters only their weight gradient: their share of the bit budget is
-# re-balanced across layers (see actnn_mm.allocate).
-ACROSS_LAYERS_FAMILIES = ('conv', 'linear')
+def allocation_kind(module: torch.nn.Module) -> Optional[str]:
+    """How the allocator models ``module`` (:mod:`actnn_mm.allocate`): WEIGHT for the layers
+    whose saved input enters only their weight gradient, NORM for batch norms, None for the
+    rest."""
+    if module._actnn_family in ('conv', 'linear'):
+        return WEIGHT
+    if isinstance(module, _BatchNorm):
+        return NORM
+    return None
 
 
 def bits_for(x: torch.Tensor, module: torch.nn.Module, state: ModelState
@@ -97,13 +105,13 @@ def bits_for(x: torch.Tensor, module: torch.nn.Module, state: ModelState
 
     Returns:
         The configured uniform width and None, or with ``config.adaptive`` one width per sample
-        chosen by the allocator (on ``x``'s device) within the layer's share of the budget, and
-        that share (the most the widths' mean is: it sizes the buffer without reading them).
+        chosen by the allocator (on ``x``'s device) within the layer's share of the budget (what
+        the group statistics leave of it), and that share (the most the widths' mean is: it
+        sizes the buffer without reading them).
     """
     if config.adaptive:
         return state.allocator.bits_for(
-            module, x, float(config.bits), config.group_size,
-            across_layers=module._actnn_family in ACROSS_LAYERS_FAMILIES)
+            module, x, float(config.bits), config.group_size, allocation_kind(module))
     return config.bits, None
 
 
@@ -123,7 +131,8 @@ def _keep(value: Kept, module: torch.nn.Module, state: ModelState, full_bytes: i
     module.__dict__['actnn_full_bytes'] = full_bytes
     if isinstance(value, CompressedTensor):
         state.step_log.record(module, nbytes, full_bytes, value.bits,
-                              value.shape.numel() // max(value.bits.numel(), 1))
+                              value.shape.numel() // max(value.bits.numel(), 1),
+                              value.statistics_nbytes)
         if not checks_at_once(value.device):  # quantize left the NaN/Inf check to us
             state.step_log.watch(not_finite(value), type(module).__name__)
     elif _checkpoint_phase() != 'recompute':  # a recomputed forward's masks go unused
@@ -271,3 +280,4 @@ def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tenso
     if ctx.actnn_module is not None:
         held.state.allocator.observe_grad(ctx.actnn_module, grad)
     return (None if held is None else load(held, memory_format), *ctx.saved_tensors)
+

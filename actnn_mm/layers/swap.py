@@ -17,7 +17,7 @@ Kept = Union[torch.Tensor, CompressedTensor, PackedInts]
 
 def _tensors(value: Kept) -> Tuple[torch.Tensor, ...]:
     if isinstance(value, CompressedTensor):
-        return value.data, value.meta, value.bits, value.offsets
+        return value.data, value.meta, value.sample_meta, value.bits, value.offsets
     if isinstance(value, PackedInts):
         return (value.data,)
     return (value,)

@@ -110,28 +110,35 @@ inline void check_quantize_args(const at::Tensor& x, const at::Tensor& bits,
 }
 
 inline void check_dequantize_args(const at::Tensor& data, const at::Tensor& meta,
-                                  const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
-                                  int64_t sample_size, int64_t group_size, at::ScalarType dtype) {
+                                  const at::Tensor& sample_meta, const at::Tensor& bits,
+                                  const at::Tensor& offsets, int64_t n, int64_t sample_size,
+                                  int64_t group_size, at::ScalarType dtype) {
   check_sizes(n, sample_size);
   check_float_dtype(dtype);
   check_stream_args(bits, offsets, n, group_size, data.device());
   const int64_t groups = n * num_groups(sample_size, group_size);
   TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
               "actnn_mm: data must be a contiguous uint8 vector");
-  TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) &&
-                  meta.scalar_type() == at::kBFloat16 && meta.is_contiguous() &&
-                  meta.device() == data.device(),
-              "actnn_mm: meta must be a contiguous bfloat16 tensor of shape (", groups,
-              ", 2) on ", data.device());
+  TORCH_CHECK(meta.sizes() == at::IntArrayRef({groups, 2}) && meta.scalar_type() == at::kByte &&
+                  meta.is_contiguous() && meta.device() == data.device(),
+              "actnn_mm: meta must be a contiguous uint8 tensor of shape (", groups, ", 2) on ",
+              data.device());
+  TORCH_CHECK(sample_meta.sizes() == at::IntArrayRef({n, 2}) &&
+                  sample_meta.scalar_type() == at::kFloat && sample_meta.is_contiguous() &&
+                  sample_meta.device() == data.device(),
+              "actnn_mm: sample_meta must be a contiguous float32 tensor of shape (", n, ", 2) on ",
+              data.device());
   check_stream_size(n, sample_size, data.numel());
 }
 
 inline void check_dequantize_transposed_args(const at::Tensor& data, const at::Tensor& meta,
+                                             const at::Tensor& sample_meta,
                                              const at::Tensor& bits, const at::Tensor& offsets,
                                              int64_t n, int64_t rows, int64_t cols,
                                              int64_t group_size, at::ScalarType dtype) {
   check_sizes(rows, cols);
-  check_dequantize_args(data, meta, bits, offsets, n, rows * cols, group_size, dtype);
+  check_dequantize_args(data, meta, sample_meta, bits, offsets, n, rows * cols, group_size,
+                        dtype);
 }
 
 inline void check_pack_bits(int64_t bits) {

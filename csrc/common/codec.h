@@ -1,10 +1,14 @@
 // The activation codec's math, one source for the CPU and CUDA kernels. The pure-PyTorch
-// reference (actnn_mm/compress/reference.py) mirrors every line here, and the tests hold the
-// kernels to it bit for bit, so any change here must be made there too.
+// reference (actnn_mm/compress/reference.py) computes the same values with the same float32
+// operations, and the tests hold the kernels to it bit for bit, so any change here must be made
+// there too.
 //
 // Format (per sample n of an (N, M) view, bit width b_n in {1, 2, 4, 8}, B_n = 2^b_n - 1):
-//   * groups of G elements (G a multiple of 8, so every group starts on a byte);
-//   * per group, its min and scale as two bfloat16 values (meta[2 * group], meta[2 * group + 1]);
+//   * per sample, its min and range (max - min) as two float32 (sample_meta[2 n], [2 n + 1]);
+//     they span the sample's grid (SampleGrid) of 256 group mins and 256 group scales;
+//   * groups of G elements (G a multiple of 8, so every group starts on a byte); per group, the
+//     codes of its min and scale on its sample's grid as two uint8 (meta[2 * group],
+//     meta[2 * group + 1]): 16 bits per group;
 //   * element j of sample n is the b_n-bit integer at bit (j * b_n) % 8 of byte
 //     offsets[n] + (j * b_n) / 8, least significant bits first; samples start on a byte.
 // Arithmetic is plain IEEE float32 with no fused multiply-add (built with contraction off), so
@@ -44,23 +48,6 @@ ACTNN_HD float bits_float(uint32_t u) {
   memcpy(&f, &u, sizeof(f));
   return f;
 #endif
-}
-
-ACTNN_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
-
-// bfloat16 keeps the top 16 bits of a float32; these round toward -inf / +inf.
-ACTNN_HD uint16_t bf16_round_down(float f) {
-  uint32_t u = float_bits(f);
-  uint32_t t = u >> 16;
-  if ((u & 0xFFFFu) && (u >> 31)) t += 1;  // negative and inexact: one step away from zero
-  return uint16_t(t);
-}
-
-ACTNN_HD uint16_t bf16_round_up(float f) {  // for f >= 0
-  uint32_t u = float_bits(f);
-  uint32_t t = u >> 16;
-  if (u & 0xFFFFu) t += 1;
-  return uint16_t(t);
 }
 
 // Counter-based random numbers: a 32-bit integer hash (a multiply-xorshift round with constants
@@ -110,34 +97,120 @@ ACTNN_HD float max_nan(float hi, float x) { return (x > hi || x != x) ? x : hi; 
 // than the rest of the quantizer): correctly rounded in IEEE float32 on every backend.
 ACTNN_HD float reciprocal(float scale) { return 1.f / scale; }
 
-// Stored min and scale of a group with float range [lo, hi] quantized to levels 0..levels.
-// The min is rounded down and the scale up to bfloat16, then the scale is raised until the group's
-// max maps to at most `levels` under the same float ops the quantizer uses: every value then lands
-// in [0, levels] with no clamping, which keeps the rounding unbiased. A constant group that bf16
-// represents exactly gets scale 1 and quantizes to 0 exactly. A non-finite input (or a range
-// beyond bf16/fp32) gives a non-finite min or scale, which the caller reports as an error.
-struct GroupParams {
-  uint16_t min_bits, scale_bits;
+// The top code of a grid's mins and scales (codes are 8 bits).
+constexpr int kTopCode = 255;
+
+// 2^(-k/16) for k = 0..15, rounded to nearest float32 (reference.py has the same literals).
+ACTNN_HD float scale_step(int k) {
+  static constexpr float kSteps[16] = {
+      0x1p+0f,        0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f,
+      0x1.ae89fap-1f, 0x1.9c4918p-1f, 0x1.8ace54p-1f, 0x1.7a1148p-1f,
+      0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
+      0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f};
+  return kSteps[k];
+}
+
+// 2^(-e/16) for a scale code e: a table entry times 2^-(e/16), an exact product (exp2 would
+// round differently in libm and CUDA).
+ACTNN_HD float scale_factor(int e) {
+  return scale_step(e & 15) * bits_float(uint32_t(127 - (e >> 4)) << 23);
+}
+
+// The least base of a grid (the least normal float32): below it (a subnormal range) a base has no
+// finite reciprocal, and raising it one float step at a time would take millions of steps.
+constexpr float kMinBase = 0x1p-126f;
+
+// The grid of a sample with stored min `min` and range `range` at `levels` levels (a NaN pair
+// gives an all-NaN grid):
+//   * min code c stands for min + c * step, step = range / 255: c = 0 is the sample's min;
+//   * scale code e stands for base * 2^(-e/16), base = range / levels raised (one float step at
+//     a time) until range * reciprocal(base) <= levels: code 0 covers the sample's whole range
+//     under the quantizer's own float ops, so every group has a scale that covers it. A
+//     constant sample (range 0) takes base 1: its values all sit on its min.
+// inv_step and inv_span only serve group_codes' first guesses.
+struct SampleGrid {
+  float min, step, base, inv_step, inv_span;
 };
 
-ACTNN_HD GroupParams group_params(float lo, float hi, int levels) {
-  GroupParams p;
-  lo = lo + 0.f;  // -0 -> +0: which zero a reduction finds first must not change the stored min
-  p.min_bits = bf16_round_down(lo);
-  float mn = bf16_to_float(p.min_bits);
-  float range = hi - mn;
-  if (range - range != 0.f || mn - mn != 0.f) {  // NaN or Inf in the input or the range
-    p.min_bits = 0x7FC0u;  // bf16 NaN
-    p.scale_bits = 0x7FC0u;
-    return p;
+ACTNN_HD SampleGrid sample_grid(float min, float range, int levels) {
+  SampleGrid g;
+  g.min = min;
+  g.step = range / float(kTopCode);
+  g.base = range == 0.f ? 1.f : range / float(levels);
+  if (g.base < kMinBase) g.base = kMinBase;
+  while (range * reciprocal(g.base) > float(levels)) g.base = bits_float(float_bits(g.base) + 1u);
+  g.inv_step = reciprocal(g.step);
+  g.inv_span = reciprocal(g.base * float(levels));
+  return g;
+}
+
+ACTNN_HD float grid_min(const SampleGrid& g, int c) { return g.min + float(c) * g.step; }
+
+ACTNN_HD float grid_scale(const SampleGrid& g, int e) { return g.base * scale_factor(e); }
+
+// The stored (min, range) of a sample whose values span [lo, hi] (reductions that propagate
+// NaN): -0 stored as +0 (which zero a reduction finds first must not matter), and a NaN pair when
+// a value is not finite or the grid is not (a range beyond float32), which the caller reports.
+struct SampleStats {
+  float min, range;
+};
+
+ACTNN_HD bool is_finite(float f) { return f - f == 0.f; }
+
+ACTNN_HD SampleStats sample_stats(float lo, float hi, int levels) {
+  const float mn = lo + 0.f;
+  const float range = (hi - mn) + 0.f;
+  if (is_finite(mn) && is_finite(range) && is_finite(sample_grid(mn, range, levels).base))
+    return SampleStats{mn, range};
+  const float nan = bits_float(0x7FC00000u);
+  return SampleStats{nan, nan};
+}
+
+// A first guess of a code from a real-valued estimate (NaN: the top code).
+ACTNN_HD int guess_code(float t) {
+  return t < float(kTopCode) ? (t > 0.f ? int(t) : 0) : kTopCode;
+}
+
+// A group's codes on its sample's grid, for its float range [lo, hi]:
+//   * the min code is the largest c with grid_min(c) <= lo (grid_min does not decrease with c,
+//     and grid_min(0) is the sample's min);
+//   * the scale code is the largest e with (hi - mn) * reciprocal(grid_scale(e)) <= levels for
+//     the stored min mn (this does not decrease with e, and holds at e = 0: see SampleGrid).
+// Every value x of the group then has (x - mn) * inv_scale in [0, levels] under the quantizer's
+// own float ops: no value is clamped, which keeps the rounding unbiased. A constant group whose
+// value is on the grid (a constant sample, or ReLU's zeros) gets levels of 0: it is exact.
+// Each code starts from a guess, then steps to the largest that satisfies its condition: the
+// guess only sets how many steps (usually none), never the result. An all-NaN grid gives codes
+// 0 and a NaN min and inv_scale.
+struct GroupCodes {
+  int min_code, scale_code;
+  float min, inv_scale;
+};
+
+ACTNN_HD GroupCodes group_codes(const SampleGrid& g, float lo, float hi, int levels) {
+  GroupCodes r;
+  if (g.min != g.min) {
+    r.min_code = r.scale_code = 0;
+    r.min = r.inv_scale = g.min;
+    return r;
   }
-  if (range == 0.f) {
-    p.scale_bits = 0x3F80u;  // 1.0
-    return p;
+  int c = guess_code((lo - g.min) * g.inv_step);
+  while (c > 0 && grid_min(g, c) > lo) --c;
+  while (c < kTopCode && grid_min(g, c + 1) <= lo) ++c;
+  const float mn = grid_min(g, c), span = hi - mn, top = float(levels);
+  int e = guess_code(-16.f * log2f(span * g.inv_span));
+  float inv = reciprocal(grid_scale(g, e));
+  while (e > 0 && !(span * inv <= top)) inv = reciprocal(grid_scale(g, --e));
+  for (; e < kTopCode; ++e) {
+    const float next = reciprocal(grid_scale(g, e + 1));
+    if (!(span * next <= top)) break;
+    inv = next;
   }
-  p.scale_bits = bf16_round_up(range / float(levels));
-  while (range * reciprocal(bf16_to_float(p.scale_bits)) > float(levels)) p.scale_bits += 1;
-  return p;
+  r.min_code = c;
+  r.scale_code = e;
+  r.min = mn;
+  r.inv_scale = inv;
+  return r;
 }
 
 // Stochastic rounding of x to an integer level: floor(v + u) with v = (x - min) * inv_scale in

@@ -55,7 +55,8 @@ inline void fold_lanes(f8& lo, f8& hi, i8& flag) {
 // the latency of min/max) with GCC/Clang vector types, compiled to SSE or AVX2 by the clone in
 // use, then lanes folded by shuffles; a non-finite value is flagged from its exponent bits (a NaN
 // lane never wins a comparison), since only whether the group is finite matters then. The order
-// of the reduction does not change the result (group_params canonicalizes -0).
+// of the reduction does not change the result (only which zero is found, and sample_stats stores
+// -0 as +0 while a group's codes do not depend on it).
 ACTNN_CPU_CLONES
 void group_range(const float* values, int64_t len, float& lo_out, float& hi_out) {
   float lo = values[0], hi = values[0];
@@ -158,88 +159,163 @@ void dispatch_bits(int b, F&& f) {
   }
 }
 
+// The two passes of quantize over a group: its range, then (once its sample's grid is known) its
+// codes and packed values.
 template <typename scalar_t>
-void quantize_groups(const scalar_t* x, const uint8_t* bits, const int64_t* offsets,
-                     int64_t sample_size, int64_t group_size, int64_t begin, int64_t end,
-                     RngKey key, bool stochastic, uint8_t* data, uint16_t* meta) {
-  const int64_t groups_per_sample = num_groups(sample_size, group_size);
-  const int64_t longest = std::min(group_size, sample_size);  // group_size may be huge
-  std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : longest);
-  std::vector<uint8_t> levels(longest);
-  for (int64_t group = begin; group < end; ++group) {
-    const int64_t n = group / groups_per_sample;
-    const int64_t start = (group % groups_per_sample) * group_size;
-    const int64_t len = std::min(group_size, sample_size - start);
-    const int64_t first = n * sample_size + start;  // element index, also the random counter
-    const int b = bits[n];
-    const int max_level = (1 << b) - 1;
+struct GroupQuantizer {
+  const scalar_t* x;
+  const uint8_t* bits;
+  const int64_t* offsets;
+  int64_t sample_size, group_size, groups_per_sample;
+  RngKey key;
+  bool stochastic;
+  float* ranges;  // (groups, 2): each group's min and max, from the first pass
+  SampleGrid* grids;
+  float* sample_meta;
+  uint8_t* data;
+  uint8_t* meta;
 
-    const float* values;
+  // A thread's buffers: a group's values as float32 (for float16 and bfloat16) and its levels.
+  struct Scratch {
+    std::vector<float> converted;
+    std::vector<uint8_t> levels;
+  };
+
+  Scratch scratch() const {
+    const int64_t longest = std::min(group_size, sample_size);  // group_size may be huge
+    return Scratch{std::vector<float>(std::is_same_v<scalar_t, float> ? 0 : longest),
+                   std::vector<uint8_t>(longest)};
+  }
+
+  // The float32 values of `group`, its length and its first element's index (also the random
+  // counter).
+  const float* values(int64_t group, Scratch& scratch, int64_t& len, int64_t& first) const {
+    const int64_t start = (group % groups_per_sample) * group_size;
+    len = std::min(group_size, sample_size - start);
+    first = group / groups_per_sample * sample_size + start;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      values = x + first;
+      return x + first;
     } else {
-      for (int64_t j = 0; j < len; ++j) converted[j] = float(x[first + j]);
-      values = converted.data();
+      for (int64_t j = 0; j < len; ++j) scratch.converted[j] = float(x[first + j]);
+      return scratch.converted.data();
     }
-    float lo, hi;
-    group_range(values, len, lo, hi);
-    const GroupParams p = group_params(lo, hi, max_level);
-    meta[2 * group] = p.min_bits;
-    meta[2 * group + 1] = p.scale_bits;
-    quantize_levels(values, len, bf16_to_float(p.min_bits),
-                    reciprocal(bf16_to_float(p.scale_bits)), max_level, key, uint64_t(first),
-                    stochastic, levels.data());
-    uint8_t* out = data + offsets[n] + start * b / 8;
+  }
+
+  void range(int64_t group, Scratch& scratch) const {
+    int64_t len, first;
+    const float* v = values(group, scratch, len, first);
+    group_range(v, len, ranges[2 * group], ranges[2 * group + 1]);
+  }
+
+  // Sample s's stored min and range and its grid, from its groups' ranges.
+  void finish_sample(int64_t s) const {
+    const float* r = ranges + 2 * s * groups_per_sample;
+    float lo = r[0], hi = r[1];
+    for (int64_t g = 1; g < groups_per_sample; ++g) {
+      lo = min_nan(lo, r[2 * g]);
+      hi = max_nan(hi, r[2 * g + 1]);
+    }
+    const int levels = (1 << bits[s]) - 1;
+    const SampleStats stats = sample_stats(lo, hi, levels);
+    sample_meta[2 * s] = stats.min;
+    sample_meta[2 * s + 1] = stats.range;
+    grids[s] = sample_grid(stats.min, stats.range, levels);
+  }
+
+  void code(int64_t group, Scratch& scratch) const {
+    int64_t len, first;
+    const float* v = values(group, scratch, len, first);
+    const int64_t n = group / groups_per_sample;
+    const int b = bits[n], max_level = (1 << b) - 1;
+    const GroupCodes c = group_codes(grids[n], ranges[2 * group], ranges[2 * group + 1], max_level);
+    meta[2 * group] = uint8_t(c.min_code);
+    meta[2 * group + 1] = uint8_t(c.scale_code);
+    quantize_levels(v, len, c.min, c.inv_scale, max_level, key, uint64_t(first), stochastic,
+                    scratch.levels.data());
+    uint8_t* out = data + offsets[n] + (first - n * sample_size) * b / 8;
     dispatch_bits(b, [&](auto bits_c) {
-      pack_values<decltype(bits_c)::value>(levels.data(), len, out);
+      pack_values<decltype(bits_c)::value>(scratch.levels.data(), len, out);
     });
   }
-}
+};
 
-std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const at::Tensor& bits,
-                                                const at::Tensor& offsets, int64_t group_size,
-                                                int64_t seed, bool stochastic,
-                                                int64_t total_bytes) {
+// Values per thread in a chunk of samples (at least one sample): about 1 MB of float32, which
+// stays in a core's cache between the two passes.
+constexpr int64_t kChunkValues = int64_t(1) << 18;
+
+// A group is coded on its sample's grid, which needs the range of the whole sample: the groups are
+// read twice. Samples go in chunks; step k codes the groups of chunk k - 1 (ranged at step k - 1,
+// still in cache) beside ranging those of chunk k (whose reads from memory overlap the coding's
+// arithmetic: a pass that only ranged would wait for memory), then finishes chunk k's samples.
+// Item i of a step is group i of both chunks, so a thread codes the groups it ranged.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
+                                                            const at::Tensor& bits,
+                                                            const at::Tensor& offsets,
+                                                            int64_t group_size, int64_t seed,
+                                                            bool stochastic, int64_t total_bytes) {
   check_quantize_args(x, bits, offsets, group_size, total_bytes);
   const int64_t n = x.size(0), sample_size = x.size(1);
   check_stream_values(bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), n,
                       sample_size, total_bytes);
 
-  const int64_t groups = n * num_groups(sample_size, group_size);
+  const int64_t groups_per_sample = num_groups(sample_size, group_size);
+  const int64_t groups = n * groups_per_sample;
   // Slack bytes (between samples' streams or after the last) are zeroed, never left stale.
   at::Tensor data = at::zeros({total_bytes}, x.options().dtype(at::kByte));
-  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
-  const RngKey key = rng_key(uint64_t(seed));
+  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kByte));
+  at::Tensor sample_meta = at::zeros({n, 2}, x.options().dtype(at::kFloat));  // empty samples: 0
+  if (groups == 0) return {data, meta, sample_meta};
+  std::vector<float> ranges(2 * groups);
+  std::vector<SampleGrid> grids(n);
+  const int64_t chunk = std::max<int64_t>(1, kChunkValues * at::get_num_threads() / sample_size);
+  const int64_t chunks = ceil_div(n, chunk);
+  auto first_group = [&](int64_t k) { return std::min(n, k * chunk) * groups_per_sample; };
   ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_quantize", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    uint8_t* dp = data.data_ptr<uint8_t>();
-    uint16_t* mp = reinterpret_cast<uint16_t*>(meta.data_ptr<at::BFloat16>());
-    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-      quantize_groups(xp, bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(),
-                      sample_size, group_size, begin, end, key, stochastic, dp, mp);
-    });
+    const GroupQuantizer<scalar_t> q{x.const_data_ptr<scalar_t>(), bits.const_data_ptr<uint8_t>(),
+                                     offsets.const_data_ptr<int64_t>(), sample_size, group_size,
+                                     groups_per_sample, rng_key(uint64_t(seed)), stochastic,
+                                     ranges.data(), grids.data(), sample_meta.data_ptr<float>(),
+                                     data.data_ptr<uint8_t>(), meta.data_ptr<uint8_t>()};
+    for (int64_t k = 0; k <= chunks; ++k) {
+      const int64_t coded = k > 0 ? first_group(k - 1) : 0, ranged = first_group(k);
+      const int64_t to_code = ranged - coded, to_range = first_group(k + 1) - ranged;
+      at::parallel_for(0, std::max(to_code, to_range), 16, [&](int64_t begin, int64_t end) {
+        auto scratch = q.scratch();
+        for (int64_t i = begin; i < end; ++i) {
+          if (i < to_code) q.code(coded + i, scratch);
+          if (i < to_range) q.range(ranged + i, scratch);
+        }
+      });
+      for (int64_t s = std::min(n, k * chunk); s < std::min(n, (k + 1) * chunk); ++s)
+        q.finish_sample(s);
+    }
   });
-  return {data, meta};
+  return {data, meta, sample_meta};
 }
 
 // A compressed stream as the dequantize kernels read it.
 struct Stream {
   const uint8_t* data;
-  const uint16_t* meta;
+  const uint8_t* meta;
   const uint8_t* bits;
   const int64_t* offsets;
   int64_t sample_size, group_size, groups_per_sample;
+  std::vector<SampleGrid> grids;  // per sample
 
-  Stream(const at::Tensor& data_t, const at::Tensor& meta_t, const at::Tensor& bits_t,
-         const at::Tensor& offsets_t, int64_t n, int64_t sample_size_, int64_t group_size_)
+  Stream(const at::Tensor& data_t, const at::Tensor& meta_t, const at::Tensor& sample_meta_t,
+         const at::Tensor& bits_t, const at::Tensor& offsets_t, int64_t n, int64_t sample_size_,
+         int64_t group_size_)
       : data(data_t.const_data_ptr<uint8_t>()),
-        meta(reinterpret_cast<const uint16_t*>(meta_t.const_data_ptr<at::BFloat16>())),
+        meta(meta_t.const_data_ptr<uint8_t>()),
         bits(bits_t.const_data_ptr<uint8_t>()),
         offsets(offsets_t.const_data_ptr<int64_t>()),
         sample_size(sample_size_),
         group_size(group_size_),
         groups_per_sample(num_groups(sample_size_, group_size_)) {
     check_stream_values(bits, offsets, n, sample_size, data_t.numel());
+    const float* stats = sample_meta_t.const_data_ptr<float>();
+    for (int64_t s = 0; s < n; ++s)
+      grids.push_back(sample_grid(stats[2 * s], stats[2 * s + 1], (1 << bits[s]) - 1));
   }
 
   // Dequantizes values [begin, end) of sample `s` into out[0, end - begin); begin is a multiple
@@ -250,8 +326,8 @@ struct Stream {
       const int64_t start = std::max(begin, g * group_size);
       const int64_t stop = std::min(end, (g + 1) * group_size);
       const int64_t group = s * groups_per_sample + g;
-      const float mn = bf16_to_float(meta[2 * group]);
-      const float scale = bf16_to_float(meta[2 * group + 1]);
+      const float mn = grid_min(grids[s], meta[2 * group]);
+      const float scale = grid_scale(grids[s], meta[2 * group + 1]);
       dispatch_bits(bits[s], [&](auto bits_c) {
         dequantize_values<decltype(bits_c)::value>(data + offsets[s], start, stop - start, mn,
                                                    scale, out + (start - begin));
@@ -268,11 +344,12 @@ struct Stream {
   }
 };
 
-at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
+at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& meta,
+                          const at::Tensor& sample_meta, const at::Tensor& bits,
                           const at::Tensor& offsets, int64_t n, int64_t sample_size,
                           int64_t group_size, at::ScalarType dtype) {
-  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
-  const Stream stream(data, meta, bits, offsets, n, sample_size, group_size);
+  check_dequantize_args(data, meta, sample_meta, bits, offsets, n, sample_size, group_size, dtype);
+  const Stream stream(data, meta, sample_meta, bits, offsets, n, sample_size, group_size);
   at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -371,12 +448,13 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 // torch). Each row's span is dequantized from the byte it starts in (up to 7 values more,
 // dropped), placed so that column c0 of every row lands at the same offset of its buffer row.
 at::Tensor dequantize_transposed_cpu(const at::Tensor& data, const at::Tensor& meta,
-                                     const at::Tensor& bits, const at::Tensor& offsets, int64_t n,
-                                     int64_t rows, int64_t cols, int64_t group_size,
-                                     at::ScalarType dtype) {
-  check_dequantize_transposed_args(data, meta, bits, offsets, n, rows, cols, group_size, dtype);
+                                     const at::Tensor& sample_meta, const at::Tensor& bits,
+                                     const at::Tensor& offsets, int64_t n, int64_t rows,
+                                     int64_t cols, int64_t group_size, at::ScalarType dtype) {
+  check_dequantize_transposed_args(data, meta, sample_meta, bits, offsets, n, rows, cols,
+                                   group_size, dtype);
   const int64_t sample_size = rows * cols;
-  const Stream stream(data, meta, bits, offsets, n, sample_size, group_size);
+  const Stream stream(data, meta, sample_meta, bits, offsets, n, sample_size, group_size);
   at::Tensor out = at::empty({n, cols, rows}, data.options().dtype(dtype));
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_transposed", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();

@@ -8,7 +8,8 @@
 //   bytes are neither read nor written (its outputs are NaN), so nothing goes out of bounds even
 //   where asserts are compiled out. The host never reads a device value.
 // - Reductions run in a fixed order, with no atomics: results are the same bits run to run, and
-//   the same as the CPU kernels' (batch_norm_sums, mean_square_range, sum_of_squares).
+//   the same as the CPU kernels' (quantize's sample ranges, batch_norm_sums, mean_square_range,
+//   sum_of_squares).
 // - Grids are sized to the work (capped, with grid-stride loops). Index math inside loops is
 //   multiplication and fast division by invariant integers (IntDivider, 32-bit wherever the
 //   tensor has fewer than 2^31 elements, else plain 64-bit division); 64-bit divisions only
@@ -60,7 +61,6 @@ void dispatch_index(int64_t numel, F&& f) {
 }
 
 __device__ __forceinline__ float quiet_nan() { return bits_float(0x7FC00000u); }
-constexpr uint16_t kBf16NaN = 0x7FC0u;
 
 // Groups are handled by teams of lanes of one warp: a power of two, at most 32 and at most the
 // group size (>= 8), so that no lane of a team is idle for want of values to read.
@@ -97,27 +97,19 @@ __device__ __forceinline__ bool stream_ok(const uint8_t* bits, const int64_t* of
   return ok;
 }
 
-// A team per group: its min and max (lanes read the group coalesced, then reduce), its stored
-// min and scale, then its packed bytes (lane l: bytes l, l + team, ...; a byte's values are in
-// one group since groups start on multiples of 8 values).
+// quantize, pass 1: a team per group finds its min and max (lanes read the group coalesced, then
+// reduce) into ranges[2 * group], ranges[2 * group + 1].
 template <typename scalar_t>
-__global__ void quantize_kernel(const scalar_t* x, const uint8_t* bits, const int64_t* offsets,
-                                int64_t sample_size, int64_t group_size,
-                                int64_t groups_per_sample, int64_t groups, int64_t total_bytes,
-                                int team, RngKey key, bool stochastic, uint8_t* data,
-                                uint16_t* meta) {
+__global__ void group_range_kernel(const scalar_t* x, int64_t sample_size, int64_t group_size,
+                                   int64_t groups_per_sample, int64_t groups, int team,
+                                   float* ranges) {
   const int lane = threadIdx.x % team;
   const unsigned mask = team_mask(team);
   const int64_t teams = int64_t(gridDim.x) * blockDim.x / team;
   for (int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / team; group < groups;
        group += teams) {
     const GroupSpan g = group_span(group, sample_size, group_size, groups_per_sample);
-    if (!stream_ok(bits, offsets, g.s, sample_size, total_bytes)) {
-      if (lane == 0) meta[2 * group] = meta[2 * group + 1] = kBf16NaN;
-      continue;  // the whole team: its condition is the sample's
-    }
-    const int64_t first = g.s * sample_size + g.start;  // element index, also the random counter
-    const scalar_t* xg = x + first;
+    const scalar_t* xg = x + g.s * sample_size + g.start;
     float lo = float(xg[0]), hi = lo;
     for (int64_t j = lane; j < g.len; j += team) {
       lo = min_nan(lo, float(xg[j]));
@@ -127,14 +119,107 @@ __global__ void quantize_kernel(const scalar_t* x, const uint8_t* bits, const in
       lo = min_nan(lo, __shfl_xor_sync(mask, lo, delta, team));
       hi = max_nan(hi, __shfl_xor_sync(mask, hi, delta, team));
     }
-    const int b = bits[g.s], per_byte = 8 / b, max_level = (1 << b) - 1;
-    const GroupParams p = group_params(lo, hi, max_level);
     if (lane == 0) {
-      meta[2 * group] = p.min_bits;
-      meta[2 * group + 1] = p.scale_bits;
+      ranges[2 * group] = lo;
+      ranges[2 * group + 1] = hi;
     }
-    const float mn = bf16_to_float(p.min_bits);
-    const float inv_scale = reciprocal(bf16_to_float(p.scale_bits));
+  }
+}
+
+constexpr int kSampleThreads = 256;
+
+// quantize, pass 2: a block per sample reduces its groups' ranges (each thread a strided share,
+// then a tree in shared memory; min and max are exact, so the order only decides which zero or
+// NaN is found, and sample_stats stores either alike) into its stored min and range. A sample
+// whose stream is bad gets NaN, so that the activation reads as not finite.
+__global__ void sample_stats_kernel(const float* ranges, const uint8_t* bits,
+                                    const int64_t* offsets, int64_t n, int64_t sample_size,
+                                    int64_t groups_per_sample, int64_t total_bytes,
+                                    float* sample_meta) {
+  __shared__ float los[kSampleThreads], his[kSampleThreads];
+  const int t = threadIdx.x;
+  for (int64_t s = blockIdx.x; s < n; s += gridDim.x) {
+    const float* r = ranges + 2 * s * groups_per_sample;
+    float lo = r[0], hi = r[1];
+    for (int64_t g = t; g < groups_per_sample; g += blockDim.x) {
+      lo = min_nan(lo, r[2 * g]);
+      hi = max_nan(hi, r[2 * g + 1]);
+    }
+    los[t] = lo;
+    his[t] = hi;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+      if (t < half) {
+        los[t] = min_nan(los[t], los[t + half]);
+        his[t] = max_nan(his[t], his[t + half]);
+      }
+      __syncthreads();
+    }
+    if (t == 0) {
+      SampleStats stats{quiet_nan(), quiet_nan()};
+      if (stream_ok(bits, offsets, s, sample_size, total_bytes))
+        stats = sample_stats(los[0], his[0], (1 << bits[s]) - 1);
+      sample_meta[2 * s] = stats.min;
+      sample_meta[2 * s + 1] = stats.range;
+    }
+    __syncthreads();  // before the next sample overwrites los and his
+  }
+}
+
+// The samples' grids (all NaN for a bad width: the kernels then refuse the sample's stream).
+__global__ void sample_grid_kernel(const float* sample_meta, const uint8_t* bits, int64_t n,
+                                   SampleGrid* grids) {
+  ACTNN_GRID_STRIDE_LOOP(int64_t, s, n) {
+    const int b = bits[s];
+    const float nan = quiet_nan();
+    grids[s] = valid_bits(b) ? sample_grid(sample_meta[2 * s], sample_meta[2 * s + 1], (1 << b) - 1)
+                             : sample_grid(nan, nan, 1);
+  }
+}
+
+// The (N,) grids of `sample_meta` as a byte tensor on its device.
+at::Tensor launch_sample_grids(const at::Tensor& sample_meta, const at::Tensor& bits) {
+  const int64_t n = bits.size(0);
+  at::Tensor grids = at::empty({n * int64_t(sizeof(SampleGrid))}, bits.options());
+  if (n == 0) return grids;
+  sample_grid_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      sample_meta.const_data_ptr<float>(), bits.const_data_ptr<uint8_t>(), n,
+      reinterpret_cast<SampleGrid*>(grids.data_ptr<uint8_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grids;
+}
+
+const SampleGrid* grids_of(const at::Tensor& grids) {
+  return reinterpret_cast<const SampleGrid*>(grids.const_data_ptr<uint8_t>());
+}
+
+// quantize, pass 3: a team per group codes its range on its sample's grid, then packs its bytes
+// (lane l: bytes l, l + team, ...; a byte's values are in one group since groups start on
+// multiples of 8 values).
+template <typename scalar_t>
+__global__ void quantize_kernel(const scalar_t* x, const float* ranges, const SampleGrid* grids,
+                                const uint8_t* bits, const int64_t* offsets, int64_t sample_size,
+                                int64_t group_size, int64_t groups_per_sample, int64_t groups,
+                                int64_t total_bytes, int team, RngKey key, bool stochastic,
+                                uint8_t* data, uint8_t* meta) {
+  const int lane = threadIdx.x % team;
+  const int64_t teams = int64_t(gridDim.x) * blockDim.x / team;
+  for (int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / team; group < groups;
+       group += teams) {
+    const GroupSpan g = group_span(group, sample_size, group_size, groups_per_sample);
+    if (!stream_ok(bits, offsets, g.s, sample_size, total_bytes)) {
+      if (lane == 0) meta[2 * group] = meta[2 * group + 1] = 0;
+      continue;  // the whole team: its condition is the sample's
+    }
+    const int b = bits[g.s], per_byte = 8 / b, max_level = (1 << b) - 1;
+    const GroupCodes c = group_codes(grids[g.s], ranges[2 * group], ranges[2 * group + 1],
+                                     max_level);
+    if (lane == 0) {
+      meta[2 * group] = uint8_t(c.min_code);
+      meta[2 * group + 1] = uint8_t(c.scale_code);
+    }
+    const int64_t first = g.s * sample_size + g.start;  // element index, also the random counter
+    const scalar_t* xg = x + first;
     uint8_t* out = data + offsets[g.s] + g.start / 8 * b;
     const int64_t bytes = stream_bytes(g.len, b);
     for (int64_t k = lane; k < bytes; k += team) {
@@ -142,7 +227,7 @@ __global__ void quantize_kernel(const scalar_t* x, const uint8_t* bits, const in
       for (int i = 0; i < per_byte && k * per_byte + i < g.len; ++i) {
         const int64_t j = k * per_byte + i;
         const float u = stochastic ? uniform(key, uint64_t(first + j)) : 0.5f;
-        byte |= quantize_value(float(xg[j]), mn, inv_scale, max_level, u) << (i * b);
+        byte |= quantize_value(float(xg[j]), c.min, c.inv_scale, max_level, u) << (i * b);
       }
       out[k] = uint8_t(byte);
     }
@@ -151,10 +236,10 @@ __global__ void quantize_kernel(const scalar_t* x, const uint8_t* bits, const in
 
 // A team per group: lane l writes values l, l + team, ... of the group, in order (coalesced).
 template <typename scalar_t>
-__global__ void dequantize_kernel(const uint8_t* data, const uint16_t* meta, const uint8_t* bits,
-                                  const int64_t* offsets, int64_t sample_size, int64_t group_size,
-                                  int64_t groups_per_sample, int64_t groups, int64_t total_bytes,
-                                  int team, scalar_t* out) {
+__global__ void dequantize_kernel(const uint8_t* data, const uint8_t* meta, const SampleGrid* grids,
+                                  const uint8_t* bits, const int64_t* offsets, int64_t sample_size,
+                                  int64_t group_size, int64_t groups_per_sample, int64_t groups,
+                                  int64_t total_bytes, int team, scalar_t* out) {
   const int lane = threadIdx.x % team;
   const int64_t teams = int64_t(gridDim.x) * blockDim.x / team;
   for (int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / team; group < groups;
@@ -166,7 +251,8 @@ __global__ void dequantize_kernel(const uint8_t* data, const uint16_t* meta, con
       continue;
     }
     const int b = bits[g.s];
-    const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
+    const float mn = grid_min(grids[g.s], meta[2 * group]);
+    const float scale = grid_scale(grids[g.s], meta[2 * group + 1]);
     const uint8_t* in = data + offsets[g.s] + g.start / 8 * b;
     for (int64_t j = lane; j < g.len; j += team)
       o[j] = scalar_t(dequantize_value(unpack_value(in, j, b), mn, scale));
@@ -176,9 +262,10 @@ __global__ void dequantize_kernel(const uint8_t* data, const uint16_t* meta, con
 // Output element t, in output order (coalesced writes), is value j = r * cols + c of sample s, a
 // (rows, cols) matrix written transposed.
 template <typename index_t, typename scalar_t>
-__global__ void dequantize_transposed_kernel(const uint8_t* data, const uint16_t* meta,
-                                             const uint8_t* bits, const int64_t* offsets,
-                                             index_t numel, IntDivider<index_t> per_sample,
+__global__ void dequantize_transposed_kernel(const uint8_t* data, const uint8_t* meta,
+                                             const SampleGrid* grids, const uint8_t* bits,
+                                             const int64_t* offsets, index_t numel,
+                                             IntDivider<index_t> per_sample,
                                              IntDivider<index_t> per_row,
                                              IntDivider<index_t> per_group, index_t cols,
                                              int64_t groups_per_sample, int64_t total_bytes,
@@ -194,16 +281,21 @@ __global__ void dequantize_transposed_kernel(const uint8_t* data, const uint16_t
       continue;
     }
     const int64_t group = s * groups_per_sample + int64_t(per_group.div(j));
-    const float mn = bf16_to_float(meta[2 * group]), scale = bf16_to_float(meta[2 * group + 1]);
+    const float mn = grid_min(grids[s], meta[2 * group]);
+    const float scale = grid_scale(grids[s], meta[2 * group + 1]);
     out[t] = scalar_t(dequantize_value(unpack_value(data + offsets[s], int64_t(j), bits[s]), mn,
                                        scale));
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::Tensor& bits,
-                                                 const at::Tensor& offsets, int64_t group_size,
-                                                 int64_t seed, bool stochastic,
-                                                 int64_t total_bytes) {
+// Three passes (a sample's grid needs its whole range before any of its groups is coded): the
+// groups' ranges, the samples' stats (and grids), the groups' codes and values; x is read twice.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
+                                                             const at::Tensor& bits,
+                                                             const at::Tensor& offsets,
+                                                             int64_t group_size, int64_t seed,
+                                                             bool stochastic,
+                                                             int64_t total_bytes) {
   check_quantize_args(x, bits, offsets, group_size, total_bytes);
   const int64_t n = x.size(0), sample_size = x.size(1);
   c10::cuda::CUDAGuard guard(x.device());
@@ -211,63 +303,77 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const at::
   const int64_t groups = n * groups_per_sample;
   // Slack bytes (between samples' streams or after the last) are zeroed, never left stale.
   at::Tensor data = at::zeros({total_bytes}, x.options().dtype(at::kByte));
-  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
-  if (groups == 0) return {data, meta};
+  at::Tensor meta = at::empty({groups, 2}, x.options().dtype(at::kByte));
+  at::Tensor sample_meta = at::zeros({n, 2}, x.options().dtype(at::kFloat));  // empty samples: 0
+  if (groups == 0) return {data, meta, sample_meta};
+  at::Tensor ranges = at::empty({groups, 2}, x.options().dtype(at::kFloat));
   const int team = team_for(group_size);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_quantize_cuda", [&] {
-    quantize_kernel<scalar_t><<<blocks_for(groups * team), kThreads, 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), bits.const_data_ptr<uint8_t>(),
-        offsets.const_data_ptr<int64_t>(), sample_size, group_size, groups_per_sample, groups,
-        total_bytes, team, rng_key(uint64_t(seed)), stochastic, data.data_ptr<uint8_t>(),
-        reinterpret_cast<uint16_t*>(meta.data_ptr<at::BFloat16>()));
+    group_range_kernel<scalar_t><<<blocks_for(groups * team), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), sample_size, group_size, groups_per_sample, groups, team,
+        ranges.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {data, meta};
+  sample_stats_kernel<<<int(std::min(n, kMaxBlocks)), kSampleThreads, 0, stream>>>(
+      ranges.const_data_ptr<float>(), bits.const_data_ptr<uint8_t>(),
+      offsets.const_data_ptr<int64_t>(), n, sample_size, groups_per_sample, total_bytes,
+      sample_meta.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor grids = launch_sample_grids(sample_meta, bits);
+  ACTNN_DISPATCH_FLOAT(x.scalar_type(), "actnn_quantize_cuda", [&] {
+    quantize_kernel<scalar_t><<<blocks_for(groups * team), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), ranges.const_data_ptr<float>(), grids_of(grids),
+        bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), sample_size,
+        group_size, groups_per_sample, groups, total_bytes, team, rng_key(uint64_t(seed)),
+        stochastic, data.data_ptr<uint8_t>(), meta.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {data, meta, sample_meta};
 }
 
-const uint16_t* meta_bits(const at::Tensor& meta) {
-  return reinterpret_cast<const uint16_t*>(meta.const_data_ptr<at::BFloat16>());
-}
-
-at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& bits,
+at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& meta,
+                           const at::Tensor& sample_meta, const at::Tensor& bits,
                            const at::Tensor& offsets, int64_t n, int64_t sample_size,
                            int64_t group_size, at::ScalarType dtype) {
-  check_dequantize_args(data, meta, bits, offsets, n, sample_size, group_size, dtype);
+  check_dequantize_args(data, meta, sample_meta, bits, offsets, n, sample_size, group_size, dtype);
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty({n, sample_size}, data.options().dtype(dtype));
   const int64_t groups_per_sample = num_groups(sample_size, group_size);
   const int64_t groups = n * groups_per_sample;
   if (groups == 0) return out;
+  const at::Tensor grids = launch_sample_grids(sample_meta, bits);
   const int team = team_for(group_size);
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_cuda", [&] {
     dequantize_kernel<scalar_t><<<blocks_for(groups * team), kThreads, 0,
                                   c10::cuda::getCurrentCUDAStream()>>>(
-        data.const_data_ptr<uint8_t>(), meta_bits(meta), bits.const_data_ptr<uint8_t>(),
-        offsets.const_data_ptr<int64_t>(), sample_size, group_size, groups_per_sample, groups,
-        data.numel(), team, out.data_ptr<scalar_t>());
+        data.const_data_ptr<uint8_t>(), meta.const_data_ptr<uint8_t>(), grids_of(grids),
+        bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), sample_size,
+        group_size, groups_per_sample, groups, data.numel(), team, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 at::Tensor dequantize_transposed_cuda(const at::Tensor& data, const at::Tensor& meta,
-                                      const at::Tensor& bits, const at::Tensor& offsets,
-                                      int64_t n, int64_t rows, int64_t cols, int64_t group_size,
-                                      at::ScalarType dtype) {
-  check_dequantize_transposed_args(data, meta, bits, offsets, n, rows, cols, group_size, dtype);
+                                      const at::Tensor& sample_meta, const at::Tensor& bits,
+                                      const at::Tensor& offsets, int64_t n, int64_t rows,
+                                      int64_t cols, int64_t group_size, at::ScalarType dtype) {
+  check_dequantize_transposed_args(data, meta, sample_meta, bits, offsets, n, rows, cols,
+                                   group_size, dtype);
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty({n, cols, rows}, data.options().dtype(dtype));
   const int64_t numel = out.numel(), sample_size = rows * cols;
   if (numel == 0) return out;
+  const at::Tensor grids = launch_sample_grids(sample_meta, bits);
   ACTNN_DISPATCH_FLOAT(dtype, "actnn_dequantize_transposed_cuda", [&] {
     dispatch_index(numel, [&](auto index) {
       using index_t = decltype(index);
       // j < sample_size <= group_size has group 0: dividing by the smaller is the same.
       dequantize_transposed_kernel<index_t, scalar_t><<<blocks_for(numel), kThreads, 0,
                                                         c10::cuda::getCurrentCUDAStream()>>>(
-          data.const_data_ptr<uint8_t>(), meta_bits(meta), bits.const_data_ptr<uint8_t>(),
-          offsets.const_data_ptr<int64_t>(), index_t(numel),
+          data.const_data_ptr<uint8_t>(), meta.const_data_ptr<uint8_t>(), grids_of(grids),
+          bits.const_data_ptr<uint8_t>(), offsets.const_data_ptr<int64_t>(), index_t(numel),
           IntDivider<index_t>(index_t(sample_size)), IntDivider<index_t>(index_t(rows)),
           IntDivider<index_t>(index_t(std::min(group_size, sample_size))), index_t(cols),
           num_groups(sample_size, group_size), data.numel(), out.data_ptr<scalar_t>());

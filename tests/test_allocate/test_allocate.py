@@ -37,9 +37,10 @@ def test_plain_python_path_matches_the_vectorised_one(k, monkeypatch):
         sensitivity[::3] = 0  # ties
         cost = (torch.randint(1, 1000, (k,), generator=g).double() if trial % 2
                 else torch.full((k,), 500.0))
+        two_bits = (torch.rand(k, generator=g) < 0.3).tolist()
         for budget in (1.0, 1.7, 2.0, 3.3, 8.0):
-            few = alloc._allocate_few(sensitivity.tolist(), cost.tolist(), budget)
-            assert torch.equal(few, allocate(sensitivity, cost, budget)), (trial, budget)
+            few = alloc._allocate_few(sensitivity.tolist(), cost.tolist(), budget, two_bits)
+            assert torch.equal(few, allocate(sensitivity, cost, budget, two_bits)), (trial, budget)
 
 
 @pytest.mark.parametrize('k', [0, 1, 2, 5, 16, 64, 200])
@@ -51,12 +52,33 @@ def test_samples_on_the_device_get_exactly_the_greedy_bits(k):
         sensitivity = torch.rand(k, generator=g) ** (1 + 4 * trial) * 10 ** (trial - 3)
         sensitivity[1::4] = sensitivity[0::4][:len(sensitivity[1::4])]  # ties
         sensitivity[::3] = 0
-        for budget in (1.0, 1.25, 1.7, 2.0, 2.5, 3.3, 4.0, 7.9, 8.0):
-            bits = _prefix_passes(sensitivity, budget)
+        for budget, two_bits in itertools.product((1.0, 1.25, 1.7, 2.0, 2.5, 3.3, 4.0, 7.9, 8.0),
+                                                  (False, True)):
+            bits = _prefix_passes(sensitivity, budget, two_bits)
             assert bits.dtype == torch.uint8
-            assert torch.equal(bits, allocate_samples(sensitivity, budget))
+            assert torch.equal(bits, allocate_samples(sensitivity, budget, two_bits))
             assert torch.equal(bits.long(), allocate(sensitivity, torch.full((k,), 37.0),
-                                                     budget)), (trial, budget)
+                                                     budget, [two_bits] * k)), (trial, budget)
+
+
+@pytest.mark.parametrize('budget', [1.0, 1.25, 1.5, 2.0, 3.0])
+def test_items_that_need_two_bits_get_them_first(budget):
+    """Flagged items take their second bit before any other upgrade, however insensitive, as
+    far as the budget reaches; the budget still holds."""
+    g = torch.Generator().manual_seed(0)
+    sensitivity = torch.rand(40, generator=g) * torch.logspace(0, 6, 40)
+    sensitivity[:10] = 1e-9  # the flagged items are the least sensitive
+    sensitivity[0] = 0.0
+    cost = torch.full((40,), 100.0)
+    cost[:10] = 10.0
+    two_bits = [True] * 10 + [False] * 30
+    bits = allocate(sensitivity, cost, budget, two_bits)
+    assert _average(bits, cost) <= budget + 1e-9
+    spare = (budget - 1) * float(cost.sum())  # what upgrades may spend
+    if spare >= float(cost[:10].sum()):
+        assert bool((bits[:10] >= 2).all())
+    else:
+        assert bits[:10].tolist() == [2] * int(spare // 10) + [1] * (10 - int(spare // 10))
 
 
 def test_fan_in_of_each_weighted_layer():

@@ -7,7 +7,7 @@ import torch
 
 from actnn_mm.compress import (CompressedTensor, dequantize, extension_loaded, ops, quantize,
                                reference)
-from actnn_mm.compress.codec import samples_view
+from actnn_mm.compress.codec import not_finite, raise_if_not_finite, samples_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The kernels' backends: each is held to the reference (and CUDA to the CPU) bit for bit.
@@ -32,6 +32,11 @@ def _shapes():
         'transposed': lambda: randn(9, 40).t(),
         'strided_slice': lambda: randn(6, 64, 9)[::2, 5:50, ::3],
         'large_dynamic_range': lambda: randn(2, 512) * torch.logspace(-3, 3, 512),
+        # narrow groups inside a wide sample: codes far from the grid's ends
+        'narrow_groups': lambda: randn(3, 640) * torch.logspace(-4, 0, 10).repeat_interleave(64),
+        'relu': lambda: randn(3, 500).clamp(min=0),  # groups of zeros on the grid's min
+        'constant_samples': lambda: torch.tensor([[0.3] * 70, [-2.0**-20] * 70, [6e4] * 70]),
+        'subnormal_range': lambda: torch.randn(2, 300) * 1e-40,  # grid steps below float32's
     }
 
 
@@ -57,11 +62,14 @@ def test_kernels_match_reference_bit_for_bit(shape, bits, dtype, stochastic, dev
     c = quantize(x.to(device), _bits_for(x, bits), group_size=64, seed=12345,
                  stochastic=stochastic).to('cpu')
     samples, _ = samples_view(x)
-    data, meta = reference.quantize(samples, c.bits, c.offsets, 64, 12345, stochastic,
-                                    c.data.numel())
+    data, meta, sample_meta = reference.quantize(samples, c.bits, c.offsets, 64, 12345,
+                                                 stochastic, c.data.numel())
     assert torch.equal(c.data, data)
-    assert torch.equal(c.meta.view(torch.int16), meta.view(torch.int16))
-    expected = reference.dequantize(data, meta, c.bits, c.offsets, samples.shape[0],
+    assert c.meta.dtype == meta.dtype == torch.uint8 and torch.equal(c.meta, meta)
+    assert c.sample_meta.dtype == torch.float32
+    # bit for bit (-0 and +0 differ; NaN equals NaN)
+    assert torch.equal(c.sample_meta.view(torch.int32), sample_meta.view(torch.int32))
+    expected = reference.dequantize(data, meta, sample_meta, c.bits, c.offsets, samples.shape[0],
                                     samples.shape[1], 64, dtype)
     assert torch.equal(samples_view(dequantize(c.to(device)).cpu())[0], expected)
 
@@ -74,11 +82,13 @@ def test_quantize_takes_a_buffer_with_slack(device):
     x = torch.randn(3, 100, device=device)
     bits = torch.tensor([1, 2, 4], dtype=torch.uint8, device=device)
     offsets = torch.tensor([0, 13, 40, 90], device=device)  # 2 bytes of slack after sample 1
-    data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 3, True, 120)
+    data, meta, sample_meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 3, True, 120)
     want = reference.quantize(x.cpu(), bits.cpu(), offsets.cpu(), 64, 3, True, 120)
     assert data.shape == (120,) and torch.equal(data.cpu(), want[0])
+    assert torch.equal(meta.cpu(), want[1]) and torch.equal(sample_meta.cpu(), want[2])
     assert not data[38:40].any() and not data[90:].any()
-    y = torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 3, 100, 64, torch.float32)
+    y = torch.ops.actnn_mm.dequantize(data, meta, sample_meta, bits, offsets, 3, 100, 64,
+                                      torch.float32)
     assert torch.equal(y.cpu(), reference.dequantize(*want, bits.cpu(), offsets.cpu(), 3, 100,
                                                      64, torch.float32))
 
@@ -101,12 +111,13 @@ def _group_scale(c: CompressedTensor, x: torch.Tensor) -> torch.Tensor:
     """The scale of each element's group, in the (N, M) memory-order view."""
     samples, _ = samples_view(x)
     n, m = samples.shape
-    scale = c.meta.float().view(n, -1, 2)[..., 1]
+    _, scale = reference.stored_params(c.meta, c.sample_meta, c.bits, n)
     return scale.repeat_interleave(c.group_size, dim=1)[:, :m]
 
 
 @pytest.mark.parametrize('shape', ['groups_not_multiple', 'odd_4d', 'channels_last',
-                                   'large_dynamic_range', 'constant_groups'])
+                                   'large_dynamic_range', 'narrow_groups', 'relu',
+                                   'constant_groups', 'constant_samples', 'subnormal_range'])
 @pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
 def test_error_at_most_one_step(shape, bits):
     x = SHAPES[shape]()
@@ -136,6 +147,22 @@ def test_unbiased_error_shrinks_like_inverse_sqrt(bits, dtype):
     assert err_1024 < single / 20
 
 
+@pytest.mark.parametrize('bits', [1, 2, 4])
+def test_unbiased_in_every_group_of_a_wide_sample(bits):
+    # groups whose ranges span 5 decades in one sample: each group's own values, codes far from
+    # the grid's ends, are unbiased (a level is within half a step of its mean with std at most
+    # scale / 2, so the mean of K copies is within 6 scale / (2 sqrt K) but for a bias)
+    torch.manual_seed(1)
+    x = torch.randn(4, 16 * 256) * torch.logspace(-5, 0, 16).repeat_interleave(256) + 3e-5
+    k = 512
+    c = quantize(x, bits)
+    scale = _group_scale(c, x)
+    mean = torch.stack([dequantize(quantize(x, bits)) for _ in range(k)]).double().mean(0)
+    err = (mean - x.double()).abs()
+    assert bool((err <= 6 * scale / (2 * k**0.5) + 1e-6 * x.abs()).all()), float(
+        (err / scale).max())
+
+
 @pytest.mark.parametrize('seed', [0, 1, -7, 2**40 + 3])
 def test_rounding_noise_is_uniform_and_uncorrelated(seed):
     # u for 2^20 consecutive elements, across the 2^32 boundary where the index's high half (the
@@ -152,15 +179,35 @@ def test_rounding_noise_is_uniform_and_uncorrelated(seed):
         assert abs(float((z[:-lag] * z[lag:]).mean())) < 5 * sigma, lag
 
 
-def test_constant_group_exact_when_bf16_representable():
-    x = torch.full((3, 300), 0.375)  # exactly representable
-    assert torch.equal(dequantize(quantize(x, 2)), x)
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('bits', [1, 2, 8, MIXED])
+def test_constant_samples_are_exact(dtype, bits):
+    # any finite value: the sample's min is stored in float32 and its range is 0
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.3, -1.7e-5, info.tiny, info.max, -info.max, -0.0, 123.456]).to(dtype)
+    x = values[:, None].expand(7, 700).contiguous()
+    c = quantize(x, _bits_for(x, bits))
+    assert torch.equal(c.sample_meta[:, 1], torch.zeros(7))
+    assert torch.equal(dequantize(c), x)
 
 
-def test_constant_group_unbiased_when_not_representable():
-    x = torch.full((1, 256), 0.3)
-    mean = torch.stack([dequantize(quantize(x, 2)) for _ in range(64)]).mean()
-    assert abs(float(mean) - 0.3) < 1e-4
+def test_constant_groups_on_the_grid_are_exact():
+    # ReLU's zeros in a sample whose min is 0: the group's min code is 0 and its levels 0
+    x = torch.randn(4, 1024).clamp(min=0)
+    x[:, 256:512] = 0
+    y = dequantize(quantize(x, 2))
+    assert torch.equal(y[:, 256:512], x[:, 256:512])
+
+
+def test_constant_group_unbiased_when_not_on_the_grid():
+    x = torch.cat([torch.linspace(0, 1, 256), torch.full((256,), 0.3)])[None]  # grid step 1/255
+    c = quantize(x, 2)
+    assert c.meta[1, 0] == 76  # 0.3 is 76.5 steps above the min
+    torch.manual_seed(0)
+    copies = torch.stack([dequantize(quantize(x, 2)) for _ in range(256)])
+    assert not torch.equal(copies[0, 0, 256:], x[0, 256:])
+    # levels 7e-4 apart: the mean of 65536 values has a standard deviation below 1.4e-6
+    assert abs(float(copies[:, 0, 256:].double().mean()) - 0.3) < 1e-5
 
 
 @pytest.mark.parametrize('bits', [1, 2, 4, 8, MIXED])
@@ -171,7 +218,8 @@ def test_nbytes_is_what_is_held(bits):
     groups = 6 * -(-3069 // 256)
     packed = int(((3069 * widths + 7) // 8).sum())
     assert c.data.numel() == packed
-    assert c.nbytes == packed + 4 * groups + 9 * 6 + 8
+    assert c.nbytes == packed + 2 * groups + 17 * 6 + 8
+    assert c.statistics_nbytes == 2 * groups + 8 * 6
     if bits != MIXED:  # within one byte per sample of the ideal stream
         assert packed - (x.numel() * bits + 7) // 8 < 6
 
@@ -180,7 +228,7 @@ def test_compression_ratio_at_two_bits():
     x = torch.randn(16, 64, 28, 28)
     c = quantize(x, 2)
     ratio = x.numel() * 4 / c.nbytes
-    assert ratio > 15.0  # 32 / (2 + 32/256) = 15.06 in the limit
+    assert ratio > 15.4  # 32 / (2 + 16/256) = 15.52 in the limit
 
 
 def test_seed_reproducible_and_none_follows_manual_seed():
@@ -204,20 +252,40 @@ def test_seed_accepts_any_python_int():
 def test_nan_inf_raise(bad, dtype):
     x = torch.randn(3, 500)
     x[2, 321] = bad
-    with pytest.raises(ValueError, match=r'NaN or Inf.*1 of 6 groups, the first in sample 2'):
+    with pytest.raises(ValueError, match=r'NaN or Inf.*1 of 3 samples, the first in sample 2'):
         quantize(x.to(dtype), 2)
 
 
-def test_values_beyond_bf16_range_raise():
-    x = torch.tensor([[-3.4e38, 3.4e38]])
-    with pytest.raises(ValueError, match='NaN or Inf'):
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_samples_are_flagged_in_sample_meta(bad, monkeypatch):
+    from actnn_mm.compress import codec
+    monkeypatch.setattr(codec, '_CHECKED_AT_ONCE', ())  # defer as on an accelerator
+    x = torch.randn(4, 300)
+    x[1, 7] = bad
+    x[3, 299] = -bad
+    c = quantize(x, 2, defer_check=True)
+    assert torch.isnan(c.sample_meta).all(dim=1).tolist() == [False, True, False, True]
+    assert bool(not_finite(c))
+    assert not bool(not_finite(quantize(x[::2], 2)))
+    with pytest.raises(ValueError, match=r'2 of 4 samples, the first in sample 1'):
+        raise_if_not_finite(c)
+
+
+def test_range_beyond_float32_raises():
+    x = torch.tensor([[0.0, 1.0], [-3.4e38, 3.4e38]])  # both finite, their difference is not
+    with pytest.raises(ValueError, match=r'range beyond float32\) in 1 of 2 samples, the first '
+                                         r'in sample 1'):
         quantize(x, 2)
 
 
-def test_large_finite_values_pass():
-    x = torch.tensor([[-1e38, 1e38, -1.5e38]])  # range 2.5e38: finite meta near the limit
-    c = quantize(x, 2)
-    assert torch.isfinite(dequantize(c)).all()
+@pytest.mark.parametrize('bits', [1, 2, 4, 8])
+def test_large_finite_values_pass(bits):
+    # range 3.4e38, just below float32's largest, and magnitudes beyond bfloat16's
+    x = torch.tensor([[-1.7e38, 1.7e38, -1.5e38, 3e37], [3.4e38, 3.39e38, 3.4e38, 3.395e38]])
+    c = quantize(x, bits)
+    y = dequantize(c)
+    assert torch.isfinite(c.sample_meta).all() and torch.isfinite(y).all()
+    assert bool(((y - x).abs() <= _group_scale(c, x)).all())
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.int32, torch.uint8, torch.bool])
@@ -277,9 +345,9 @@ def test_opcheck(dtype, device):
     torch.library.opcheck(torch.ops.actnn_mm.quantize,
                           (x, c.bits, c.offsets, 32, 5, True, c.data.numel()))
     torch.library.opcheck(torch.ops.actnn_mm.dequantize,
-                          (c.data, c.meta, c.bits, c.offsets, 3, 100, 32, dtype))
+                          (c.data, c.meta, c.sample_meta, c.bits, c.offsets, 3, 100, 32, dtype))
     torch.library.opcheck(torch.ops.actnn_mm.dequantize_transposed,
-                          (c.data, c.meta, c.bits, c.offsets, 3, 4, 25, 32, dtype))
+                          (c.data, c.meta, c.sample_meta, c.bits, c.offsets, 3, 4, 25, 32, dtype))
 
 
 def test_reference_fallback_warns_once_and_matches(monkeypatch):
@@ -324,23 +392,25 @@ def test_tensors_without_values_use_the_fake_implementations():
         x = torch.empty(4, 300, dtype=torch.bfloat16)
         bits = torch.full((4,), 2, dtype=torch.uint8)
         offsets = torch.arange(5) * 75
-        data, meta = ops.quantize(x, bits, offsets, 64, 1, True, 320)
-        y = ops.dequantize(data, meta, bits, offsets, 4, 300, 64, torch.bfloat16)
-        return data, meta, y
+        data, meta, sample_meta = ops.quantize(x, bits, offsets, 64, 1, True, 320)
+        y = ops.dequantize(data, meta, sample_meta, bits, offsets, 4, 300, 64, torch.bfloat16)
+        return data, meta, sample_meta, y
 
     with torch.device('meta'):
-        data, meta, y = run()
+        data, meta, sample_meta, y = run()
     assert data.device.type == 'meta' and data.shape == (320,) and y.shape == (4, 300)
     with FakeTensorMode():  # the ops themselves trace
-        data, meta, y = run()
+        data, meta, sample_meta, y = run()
     assert data.dtype == torch.uint8 and data.shape == (320,)
-    assert meta.shape == (4 * 5, 2) and meta.dtype == torch.bfloat16
+    assert meta.shape == (4 * 5, 2) and meta.dtype == torch.uint8
+    assert sample_meta.shape == (4, 2) and sample_meta.dtype == torch.float32
     assert y.shape == (4, 300) and y.dtype == torch.bfloat16
     # fake CUDA tensors need no GPU, nor a CUDA build; the reference would read their values
     with warnings.catch_warnings(), FakeTensorMode(), torch.device('cuda'):
         warnings.simplefilter('error')
-        data, meta, y = run()
+        data, meta, sample_meta, y = run()
     assert data.device.type == 'cuda' and meta.shape == (20, 2) and y.dtype == torch.bfloat16
+    assert sample_meta.device.type == 'cuda' and sample_meta.shape == (4, 2)
 
 
 def test_to_same_device_is_free():
@@ -357,7 +427,8 @@ def test_cuda_matches_cpu_bit_for_bit(bits, dtype):
     cpu = quantize(x, widths, seed=77)
     gpu = quantize(x.cuda(), widths, seed=77)
     assert torch.equal(cpu.data, gpu.data.cpu())
-    assert torch.equal(cpu.meta.view(torch.int16), gpu.meta.cpu().view(torch.int16))
+    assert torch.equal(cpu.meta, gpu.meta.cpu())
+    assert torch.equal(cpu.sample_meta.view(torch.int32), gpu.sample_meta.cpu().view(torch.int32))
     assert torch.equal(dequantize(cpu), dequantize(gpu).cpu())
     assert torch.equal(dequantize(cpu.to('cuda')).cpu(), dequantize(cpu))
     layout = torch.channels_last
@@ -540,7 +611,7 @@ def test_dequantize_into_channels_last_is_bit_identical(dtype, bits, shape):
 def test_dequantize_transposed_matches_reference(dtype, n, rows, cols, device):
     x = (torch.randn(n, rows * cols) * 3).to(dtype)
     c = quantize(x, _bits_for(x, MIXED), group_size=48)
-    args = (c.data, c.meta, c.bits, c.offsets, n, rows, cols, 48, dtype)
+    args = (c.data, c.meta, c.sample_meta, c.bits, c.offsets, n, rows, cols, 48, dtype)
     on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     out = torch.ops.actnn_mm.dequantize_transposed(*on_device)
     assert out.shape == (n, cols, rows)
@@ -552,8 +623,11 @@ def test_dequantize_transposed_matches_reference(dtype, n, rows, cols, device):
 def test_dequantize_transposed_checks_its_sizes(dtype):
     c = quantize((torch.randn(5, 70 * 33) * 3).to(dtype), 2, group_size=48)
     with pytest.raises(RuntimeError, match='meta must be .* shape'):  # 70 x 34 values per sample
-        torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.bits, c.offsets, 5, 70, 34,
-                                                 48, dtype)
+        torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.sample_meta, c.bits,
+                                                 c.offsets, 5, 70, 34, 48, dtype)
+    with pytest.raises(RuntimeError, match=r'sample_meta must be .* shape \(5, 2\)'):
+        torch.ops.actnn_mm.dequantize_transposed(c.data, c.meta, c.sample_meta[:4], c.bits,
+                                                 c.offsets, 5, 70, 33, 48, dtype)
 
 
 def _batch_norm_case(dtype, rows=300, channels=24):

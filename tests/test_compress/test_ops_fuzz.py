@@ -131,10 +131,12 @@ def _stream(rng: random.Random, device: str, n: Optional[int] = None, m: Optiona
 
 
 def _quantized(rng: random.Random, device: str, m: Optional[int] = None):
-    """Valid dequantize arguments: data, meta, bits, offsets, n, m, group_size, dtype."""
+    """Valid dequantize arguments: data, meta, sample_meta, bits, offsets, n, m, group_size,
+    dtype."""
     x, bits, offsets, group_size, seed, stochastic, total = _stream(rng, device, m=m)
-    data, meta = _op('quantize')(x, bits, offsets, group_size, seed, stochastic, total)
-    return [data, meta, bits, offsets, x.shape[0], x.shape[1], group_size, x.dtype]
+    data, meta, sample_meta = _op('quantize')(x, bits, offsets, group_size, seed, stochastic,
+                                              total)
+    return [data, meta, sample_meta, bits, offsets, x.shape[0], x.shape[1], group_size, x.dtype]
 
 
 def _stream_mutations(bits: int, offsets: int) -> Dict[str, Mutation]:
@@ -204,7 +206,7 @@ def _sample_size(args: Args) -> int:
     """Values per sample of quantize (x's dim 1) or dequantize (its argument) arguments."""
     if isinstance(args[0], torch.Tensor) and args[0].dtype != torch.uint8:
         return args[0].shape[1]
-    return args[5] if len(args) == 8 else args[5] * args[6]
+    return args[6] if len(args) == 9 else args[6] * args[7]
 
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -225,52 +227,66 @@ def _quantize_case() -> Case:
     return Case('quantize', _stream, _with_devices(host, {'bits': 1, 'offsets': 2}), values)
 
 
+def _transposed(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """A contiguous (2, N) copy of an (N, 2) tensor, where that is another shape."""
+    return None if t.shape[0] == 2 else t.t().contiguous()
+
+
 def _dequantize_host_mutations(size_args: Dict[str, Mutation]) -> Dict[str, Mutation]:
     return {
         **_tensor_mutations('data', 0, [torch.int8, torch.int32, torch.float32]),
-        **_tensor_mutations('meta', 1, [torch.float32, torch.float16, torch.int16]),
-        **_stream_mutations(2, 3),
+        **_tensor_mutations('meta', 1, [torch.int8, torch.int16, torch.float32, torch.bfloat16]),
+        **_tensor_mutations('sample_meta', 2, [torch.float64, torch.float16, torch.bfloat16,
+                                               torch.int32, torch.uint8]),
+        **_stream_mutations(3, 4),
         'meta_more_groups': lambda rng, args: _set(args, 1, torch.cat([args[1], args[1][:1]])),
         'meta_fewer_groups': lambda rng, args: _set(args, 1, args[1][1:]),
+        'sample_meta_more_samples': lambda rng, args: _set(
+            args, 2, torch.cat([args[2], args[2][:1]])),
+        'sample_meta_fewer_samples': lambda rng, args: _set(args, 2, args[2][1:]),
+        'sample_meta_one_column': lambda rng, args: _set(args, 2, args[2][:, :1].contiguous()),
+        'sample_meta_transposed': lambda rng, args: (
+            None if _transposed(args[2]) is None else _set(args, 2, _transposed(args[2]))),
         'group_size_not_multiple_of_8': lambda rng, args: _set(args, -2, rng.choice([4, 9, 30])),
         'group_size_not_positive': lambda rng, args: _set(args, -2, rng.choice([0, -16])),
         'dtype_not_float': lambda rng, args: _set(args, -1, rng.choice(NOT_FLOATS)),
-        'samples_negative': lambda rng, args: _set(args, 4, -args[4]),
+        'samples_negative': lambda rng, args: _set(args, 5, -args[5]),
         'data_too_short': lambda rng, args: _set(
-            args, 0, args[0][:args[4] * -(-_sample_size(args) // 8) - 1]),
+            args, 0, args[0][:args[5] * -(-_sample_size(args) // 8) - 1]),
         **size_args,
     }
 
 
+_DEQUANTIZE_TENSORS = {'data': 0, 'meta': 1, 'sample_meta': 2, 'bits': 3, 'offsets': 4}
+
+
 def _dequantize_case() -> Case:
     def more_values(rng, args):  # more groups than meta holds
-        return _set(args, 5, args[5] + args[6] * rng.randint(1, 3))
+        return _set(args, 6, args[6] + args[7] * rng.randint(1, 3))
 
     host = _dequantize_host_mutations({
-        'sample_size_negative': lambda rng, args: _set(args, 5, -rng.randint(1, 100)),
-        'sample_size_huge': lambda rng, args: _set(args, 5, rng.choice([2**40, HUGE])),
+        'sample_size_negative': lambda rng, args: _set(args, 6, -rng.randint(1, 100)),
+        'sample_size_huge': lambda rng, args: _set(args, 6, rng.choice([2**40, HUGE])),
         'sample_size_wrong': more_values,
     })
-    values = _value_mutations(2, 3, lambda args, size: _set(args, 0, args[0][:size]))
-    return Case('dequantize', _quantized,
-                _with_devices(host, {'data': 0, 'meta': 1, 'bits': 2, 'offsets': 3}), values)
+    values = _value_mutations(3, 4, lambda args, size: _set(args, 0, args[0][:size]))
+    return Case('dequantize', _quantized, _with_devices(host, _DEQUANTIZE_TENSORS), values)
 
 
 def _dequantize_transposed_case() -> Case:
     def valid(rng, device):
         rows, cols = rng.randint(1, 20), rng.randint(1, 20)
-        data, meta, bits, offsets, n, _, group_size, dtype = _quantized(rng, device, rows * cols)
-        return [data, meta, bits, offsets, n, rows, cols, group_size, dtype]
+        *tensors, n, _, group_size, dtype = _quantized(rng, device, rows * cols)
+        return [*tensors, n, rows, cols, group_size, dtype]
 
     host = _dequantize_host_mutations({
-        'rows_negative': lambda rng, args: _set(args, 5, -args[5]),
-        'cols_negative': lambda rng, args: _set(args, 6, -args[6]),
-        'rows_times_cols_overflows': lambda rng, args: _set(_set(args, 5, 2**32), 6, 2**32),
-        'rows_times_cols_wrong': lambda rng, args: _set(args, 6, args[6] + args[7]),
+        'rows_negative': lambda rng, args: _set(args, 6, -args[6]),
+        'cols_negative': lambda rng, args: _set(args, 7, -args[7]),
+        'rows_times_cols_overflows': lambda rng, args: _set(_set(args, 6, 2**32), 7, 2**32),
+        'rows_times_cols_wrong': lambda rng, args: _set(args, 7, args[7] + args[8]),
     })
-    values = _value_mutations(2, 3, lambda args, size: _set(args, 0, args[0][:size]))
-    return Case('dequantize_transposed', valid,
-                _with_devices(host, {'data': 0, 'meta': 1, 'bits': 2, 'offsets': 3}), values)
+    values = _value_mutations(3, 4, lambda args, size: _set(args, 0, args[0][:size]))
+    return Case('dequantize_transposed', valid, _with_devices(host, _DEQUANTIZE_TENSORS), values)
 
 
 # ---------------------------------------------------------------- masks and packing
@@ -519,7 +535,9 @@ def _fuzz(case: Case, device: str, mutations: Dict[str, Mutation], seed: int) ->
             if bad is None:
                 continue
             before = _snapshot(bad)
-            with pytest.raises((RuntimeError, ValueError), match='actnn_mm') as info:
+            # a wrong sample_meta is named (a check that missed it would fail later, or not)
+            match = 'actnn_mm: sample_meta' if name.startswith('sample_meta') else 'actnn_mm'
+            with pytest.raises((RuntimeError, ValueError), match=match) as info:
                 _op(case.op)(*bad)
             assert _unchanged(bad, before), (name, info.value)
             calls += 1
@@ -554,8 +572,7 @@ def test_extreme_valid_sizes_match_the_reference():
     offsets = torch.tensor([0, 13, 38, 138])
     got = _op('quantize')(x, bits, offsets, HUGE, 5, True, 140)
     want = reference.quantize(x, bits, offsets, 104, 5, True, 140)  # the same single group
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16),
-                                                        want[1].view(torch.int16))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert not got[0][138:].any()  # slack after the last sample is zero
     y = _op('dequantize')(*got, bits, offsets, 3, 100, HUGE, torch.float32)
     assert torch.equal(y, reference.dequantize(*want, bits, offsets, 3, 100, 104, torch.float32))
@@ -576,7 +593,7 @@ _CUDA_STREAM_CHECK = textwrap.dedent('''
     x = torch.randn(2, 100, device='cuda')
     bits = torch.tensor([2, 2], dtype=torch.uint8, device='cuda')
     offsets = torch.tensor([0, 25, 50], device='cuda')
-    data, meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
+    data, meta, sample_meta = torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
     if case == 'width':
         bits = torch.tensor([2, 3], dtype=torch.uint8, device='cuda')
     elif case == 'short':
@@ -586,10 +603,11 @@ _CUDA_STREAM_CHECK = textwrap.dedent('''
     if op == 'quantize':
         torch.ops.actnn_mm.quantize(x, bits, offsets, 64, 0, True, 50)
     elif op == 'dequantize':
-        torch.ops.actnn_mm.dequantize(data, meta, bits, offsets, 2, 100, 64, torch.float32)
+        torch.ops.actnn_mm.dequantize(data, meta, sample_meta, bits, offsets, 2, 100, 64,
+                                      torch.float32)
     else:
-        torch.ops.actnn_mm.dequantize_transposed(data, meta, bits, offsets, 2, 10, 10, 64,
-                                                 torch.float32)
+        torch.ops.actnn_mm.dequantize_transposed(data, meta, sample_meta, bits, offsets, 2, 10,
+                                                 10, 64, torch.float32)
     torch.cuda.synchronize()
 ''')
 

@@ -135,7 +135,7 @@ def held_tensors(held):
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, codec.CompressedTensor):
-        return [value.data, value.meta, value.bits, value.offsets]
+        return [value.data, value.meta, value.sample_meta, value.bits, value.offsets]
     return [value.data]  # PackedInts
 
 
@@ -342,6 +342,6 @@ def test_cpu_and_cuda_keep_the_same_bits(name, monkeypatch):
             results[device] = {k: v.cpu() for k, v in grads(copy.deepcopy(layer).to(device),
                                                             [x.to(device)]).items()}
     cpu, cuda = (c.to('cpu') for c in kept)
-    for field in ('data', 'meta', 'bits', 'offsets'):
+    for field in ('data', 'meta', 'sample_meta', 'bits', 'offsets'):
         assert torch.equal(getattr(cpu, field), getattr(cuda, field)), field
     assert_close_grads(results[DEVICE], results['cpu'], rtol=1e-5)

@@ -13,7 +13,7 @@ LAYERS = {
     'silu': (lambda: nn.SiLU(), actnn_mm.QSiLU),
     'silu-inplace': (lambda: nn.SiLU(inplace=True), actnn_mm.QSiLU),
 }
-TWO_BITS = dict(adaptive=False)  # L3 at a uniform 2 bits
+TWO_BITS = dict(activation_compression_bits=[2], adaptive=False)  # L3 at a uniform 2 bits
 
 
 class Chain(nn.Module):

@@ -25,7 +25,7 @@ OPTIONS = {
                    'no_bias': dict(bias=False)},
 }
 Q = {nn.GroupNorm: actnn_mm.QGroupNorm, nn.LayerNorm: actnn_mm.QLayerNorm}
-TWO_BITS = dict(adaptive=False)  # L3 at a uniform 2 bits
+TWO_BITS = dict(activation_compression_bits=[2], adaptive=False)  # L3 at a uniform 2 bits
 
 
 def make(case, options=None, dtype=torch.float32, channels_last=False, device='cpu'):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import actnn_mm
+from actnn_mm.compress.codec import statistics_bits
 from actnn_mm.layers import norm
 from qchecks import assert_close_grads, assert_unbiased, grads, settings, spy_quantize
 
@@ -113,7 +114,8 @@ def test_2bit_unbiased_when_groups_mix_channel_scales(device):
     ref, q = nn.BatchNorm2d(64).to(device), actnn_mm.QBatchNorm2d(64).to(device)
     x = (torch.randn(2, 64, 2, 2) * torch.logspace(-2, 2, 64).view(1, -1, 1, 1) + 3).to(device)
     want = grads(ref, [x])
-    with settings('L3'):
+    # 2 bits for the values of these 256-value samples, with their statistics
+    with settings('L3', activation_compression_bits=[2 + statistics_bits(256, 256)]):
         assert_unbiased(lambda: grads(q, [x]), want, k=200, keys=['input0', 'weight'])
 
 

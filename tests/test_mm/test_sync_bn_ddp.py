@@ -200,7 +200,8 @@ def test_two_cpu_processes_match_one_process_on_the_whole_batch(demo_data, tmp_p
     """
     # one thread per process, as torchrun sets (2 threads on 2 busy cores ran 10x slower here)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    actnn = "dict(level='L3', adaptive=False, stochastic=False, generic=False)"
+    actnn = ("dict(level='L3', activation_compression_bits=[2], adaptive=False, stochastic=False, "
+             "generic=False)")
     log, two, work = _run(tmp_path, demo_data, 'two', actnn, world=2, batch=2)
     _assert_norms_compressed(log, 'L3', BUILT)
     for r in train_scalars(work):

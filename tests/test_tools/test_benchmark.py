@@ -221,6 +221,22 @@ def test_method_names():
     parts = [benchmark._method_parts(m) for m in benchmark.METHODS]
     assert all(level in benchmark.LEVELS or level is None for level, _ in parts)
     assert set().union(*(extras for _, extras in parts)) == {'AMP', 'CP', 'ACP', 'ECBE'}
+    assert benchmark._method_parts('L3@1.5+CP') == ('L3@1.5', {'CP'})
+
+
+def test_methods_may_name_their_bits():
+    import actnn_mm
+
+    for good in ('L3@1.5', 'L3@1.5+CP', 'L2@8', 'FP32', 'L3'):
+        assert benchmark.method_spec(good) == good
+    for bad in ('L2@1.5', 'L3@1.01', 'L3@x', 'L9@2', 'L3@1.5+XX', 'X'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            benchmark.method_spec(bad)
+    with settings('L1'):
+        benchmark.method_spec('L3@1.5')
+        assert actnn_mm.config.level == 'L1' and actnn_mm.config.bits == 4  # left as it was
+        benchmark.set_level('L3@1.5')
+        assert actnn_mm.config.level == 'L3' and actnn_mm.config.bits == 1.5
 
 
 @pytest.mark.parametrize('name', ['vit-b16', 'swin-t', 'faster-rcnn'])

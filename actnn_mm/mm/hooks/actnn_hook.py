@@ -64,8 +64,9 @@ class ActNNHook(Hook):
         self._fixes.close()  # those of an earlier run that ended without after_run (an error)
         self._fixes.enter_context(compat_fixes(runner.work_dir))
         set_optimization_level(self.level)
-        for name, value in self.knobs.items():
-            setattr(config, name, value)
+        # the bits first: whether a width or a budget is valid depends on `adaptive`, given after
+        for name in sorted(self.knobs, key=lambda knob: knob != 'activation_compression_bits'):
+            setattr(config, name, self.knobs[name])
 
     def before_train(self, runner: Any) -> None:
         # After the Runner's own savers (activation_checkpointing, efficient_conv_bn_eval, whose
