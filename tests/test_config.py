@@ -44,8 +44,8 @@ def test_levels_set_every_knob(level, alloc_env):
 def test_default_is_l3():
     fresh = Config()
     assert fresh.level == 'L3'
-    assert (fresh.compressed_layers, fresh.bits, fresh.adaptive, fresh.swap) == ('all', 2, True,
-                                                                                False)
+    assert (fresh.compressed_layers, fresh.bits, fresh.adaptive, fresh.swap) == (
+        'all', ADAPTIVE_BUDGET, True, False)
 
 
 @pytest.mark.parametrize('bad', ['L6', 'l3', 3, None, 'O1', ['L3']])

@@ -16,7 +16,7 @@ ITERS = 12
 def _budget(level):
     """The average bits per value, group statistics included, that ``level`` allows."""
     with fidelity._config_restored():
-        fidelity._set_level(level)
+        fidelity.set_level(level)
         return actnn_mm.config.activation_compression_bits[0]
 
 
