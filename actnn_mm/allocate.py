@@ -414,13 +414,11 @@ class Allocator:
     def _sensitivity(self, state: _LayerState, ranges: torch.Tensor) -> torch.Tensor:
         """Per-sample sensitivity of a call of the layer of ``state`` with range terms
         ``ranges``."""
-        factor = self._sample_factor(ranges.numel(), ranges.device)
-        own = state.grad_sq if factor is None or state.grad_sq is None else state.grad_sq * factor
-        if own is None:
-            own = factor
-        if state.propagation is not None:
-            ranges = ranges * (1 + state.propagation)
-        return ranges if own is None else ranges * own
+        sensitivity = ranges if state.propagation is None else ranges * (1 + state.propagation)
+        for factor in (state.grad_sq, self._sample_factor(ranges.numel(), ranges.device)):
+            if factor is not None:
+                sensitivity = sensitivity * factor
+        return sensitivity
 
     def observe_grad(self, module: torch.nn.Module, grad: torch.Tensor) -> None:
         """Record the gradient flowing back into ``module``'s output (dim 0 = samples).

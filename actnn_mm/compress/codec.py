@@ -61,8 +61,8 @@ class CompressedTensor:
     def nbytes(self) -> int:
         """Bytes really held: the packed values, 2 per group, 17 per sample (min and range, width,
         offset) + 8."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.meta, self.sample_meta, self.bits, self.offsets))
+        return self.statistics_nbytes + sum(t.numel() * t.element_size()
+                                            for t in (self.data, self.bits, self.offsets))
 
     @property
     def statistics_nbytes(self) -> int:
@@ -266,7 +266,7 @@ def quantize(x: torch.Tensor, bits: Union[int, torch.Tensor], group_size: int = 
     compressed = CompressedTensor(data, meta, sample_meta, widths, offsets, x.shape, x.dtype,
                                   permutation, group_size)
     if checks_at_once(x.device):
-        if not bool(torch.isfinite(sample_meta).all()):
+        if bool(not_finite(compressed)):
             raise_if_not_finite(compressed)
     elif not defer_check:
         raise_if_not_finite(compressed)

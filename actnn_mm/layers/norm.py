@@ -119,9 +119,7 @@ def _measure_propagation(module: nn.Module, probe: Callable[[torch.Tensor], torc
     of the convolution before (``K`` of :mod:`actnn_mm.allocate`), from ``probe`` on its first
     samples."""
     sample = xh[:PROBE_SAMPLES]
-    u = probe(sample).flatten(1).float()
-    if u.shape[0] != xh.shape[1]:
-        return
+    u = probe(sample).flatten(1).float()  # (channels, weights per channel)
     count = sample.numel() // sample.shape[1]
     scale = invstd if weight is None else invstd * weight
     propagation = (scale.float() * u.norm(dim=1) / count).square().mean()
@@ -361,11 +359,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         probe = _probe_for(module, x)
         out, mean, var, total = _sync_batch_norm(x, weight, bias, running_mean, running_var,
                                                  momentum, eps, group)
+        invstd = (var + eps).rsqrt()
         if probe is not None:
-            invstd = (var + eps).rsqrt()
             _measure_propagation(module, probe, _normalized(x[:PROBE_SAMPLES], mean, var, eps),
                                  weight, invstd)
-        _keep_input(ctx, module, x, True, mean, var, eps, weight, mean, (var + eps).rsqrt())
+        _keep_input(ctx, module, x, True, mean, var, eps, weight, mean, invstd)
         ctx.total, ctx.group, ctx.eps = total, group, eps
         return out
 

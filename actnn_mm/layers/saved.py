@@ -280,4 +280,3 @@ def saved_activation(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tenso
     if ctx.actnn_module is not None:
         held.state.allocator.observe_grad(ctx.actnn_module, grad)
     return (None if held is None else load(held, memory_format), *ctx.saved_tensors)
-
